@@ -1,0 +1,362 @@
+"""YAML + `key=value` / `--key value` overrides -> typed, validated dataclasses for one stage, strictly."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medgpt.arguments import (
+    DTYPE_ALIASES,
+    DTYPES,
+    AdapterArguments,
+    DataArguments,
+    ModelArguments,
+    RunArguments,
+)
+
+# MedicalGPT's spellings, accepted and written back under our names.
+ALIASES = {
+    "template_name": "template",
+    "model_max_length": "max_length",
+    "train_on_inputs": "train_on_prompt",
+    "neft_alpha": "neftune_noise_alpha",
+}
+OWN_SECTIONS = (ModelArguments, DataArguments, AdapterArguments, RunArguments)
+# Upstream names that transformers/TRL deprecated: ours reach the trainer under the new name, and the
+# resolved config does not repeat them.
+UPSTREAM_RENAMES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+UPSTREAM_DEPRECATED = {*UPSTREAM_RENAMES, "pad_token"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    """Every option of one stage run, by section. `training` is the stage's transformers/TRL config."""
+
+    stage: str
+    model: ModelArguments
+    data: DataArguments
+    adapter: AdapterArguments
+    run: RunArguments
+    training: Any
+    extras: dict[type, Any] = field(default_factory=dict)
+    given: dict[str, Any] = field(default_factory=dict)  # what the user wrote, after aliases
+
+    def sections(self) -> list[Any]:
+        return [self.model, self.data, self.adapter, self.run, *self.extras.values(), self.training]
+
+    def extra(self, cls: type) -> Any:
+        return self.extras[cls]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`key=value`, `--key value`, `--key=value` and bare `--flag` (true) -> {key: value}.
+
+    Values are read as YAML scalars (`3` -> 3, `true` -> True, `[a, b]` -> list); dataclass types fix the rest.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--"):
+            key, eq, value = token[2:].partition("=")
+            if not eq:
+                if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                    value, i = tokens[i + 1], i + 1
+                else:
+                    value = "true"
+        elif "=" in token:
+            key, _, value = token.partition("=")
+        else:
+            raise ConfigError(f"cannot read '{token}': overrides are key=value or --key value")
+        out[key.replace("-", "_")] = _yaml_scalar(value)
+        i += 1
+    return out
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in _DICT_OPTIONS:
+            raise ConfigError(f"{path}: '{key}' holds a nested mapping; options are flat (write `{key}_…: …`)")
+    return data
+
+
+_DICT_OPTIONS = {"lr_scheduler_kwargs", "model_init_kwargs", "generation_kwargs", "gradient_checkpointing_kwargs",
+                 "optim_args", "dataset_kwargs", "chat_template_kwargs", "accelerator_config", "fsdp_config"}
+
+
+def normalise_keys(raw: dict[str, Any], origin: str = "config") -> dict[str, Any]:
+    """Apply MedicalGPT aliases and canonical dtype names."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name in out:
+            raise ConfigError(f"{origin}: both '{key}' and '{name}' are given; '{key}' is an alias of '{name}'")
+        out[name] = value
+    if "torch_dtype" in out:
+        dtype = str(out["torch_dtype"]).lower()
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise ConfigError(f"{origin}: torch_dtype '{out['torch_dtype']}' is not one of {', '.join(DTYPES)}")
+        out["torch_dtype"] = dtype
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_config(stage, values: dict[str, Any]) -> RunConfig:
+    """Turn flat option values into the sections of `stage` (a `medgpt.stages.Stage`); strict about names."""
+    values = normalise_keys(values)
+    values.setdefault("stage", stage.name)
+    if values["stage"] != stage.name:
+        raise ConfigError(f"the config says stage '{values['stage']}' but the command runs '{stage.name}'")
+    classes = [*OWN_SECTIONS, *stage.extra_classes, stage.training_class]
+    known = {f.name: cls for cls in classes for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(known) + list(ALIASES), n=3, cutoff=0.6)
+            lines.append(f"  {key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"unknown option(s) for stage '{stage.name}':\n" + "\n".join(lines)
+                          + f"\nSee `medgpt {stage.name} --help` for every option.")
+    given = dict(values)
+    values = _precision_defaults(stage.training_class, values)
+    built = {cls: _instantiate(cls, values) for cls in OWN_SECTIONS + stage.extra_classes}
+    built[stage.training_class] = _instantiate(stage.training_class, _upstream_names(stage.training_class, values))
+    config = RunConfig(
+        stage=stage.name,
+        model=built[ModelArguments],
+        data=built[DataArguments],
+        adapter=built[AdapterArguments],
+        run=built[RunArguments],
+        training=built[stage.training_class],
+        extras={cls: built[cls] for cls in stage.extra_classes},
+        given=given,
+    )
+    validate(config)
+    return config
+
+
+def load_config(stage, config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    values = read_yaml(config_file) if config_file else {}
+    values = normalise_keys(values, str(config_file or "config"))
+    values.update(normalise_keys(parse_overrides(overrides or []), "command line"))
+    return build_config(stage, values)
+
+
+def _precision_defaults(training_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Pick mixed precision from the hardware unless the user chose: bf16 where supported, else fp32."""
+    import torch
+
+    names = {f.name for f in dataclasses.fields(training_class)}
+    values = dict(values)
+    cuda = torch.cuda.is_available()
+    if "fp16" in names and _truthy(values.get("fp16")) and not cuda:
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU train in fp32 (remove `fp16: true`)")
+    if "bf16" in names and "bf16" not in values and not _truthy(values.get("fp16")):
+        values["bf16"] = bool(cuda and torch.cuda.is_bf16_supported())
+    if "use_cpu" in names and "use_cpu" not in values and not cuda:
+        # Without it, `accelerate launch --cpu` / `torchrun` on CPU do not form one data-parallel group.
+        values["use_cpu"] = True
+    return values
+
+
+def _upstream_names(training_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(training_class)}
+    values = dict(values)
+    for old, new in UPSTREAM_RENAMES.items():
+        if old in values and new in names:
+            values.setdefault(new, values.pop(old))
+    return values
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def _instantiate(cls: type, values: dict[str, Any]):
+    hints = _type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.init and f.name in values:
+            kwargs[f.name] = coerce(values[f.name], hints.get(f.name, f.type), f.name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid {cls.__name__} options: {err}") from err
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - some upstream classes have unresolvable forward references
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type (PyYAML reads `2e-5` as a string, CLI gives strings)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        for arg in args:
+            if arg is not str:
+                try:
+                    return coerce(value, arg, name)
+                except ConfigError:
+                    continue
+        return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{name}: '{value}' is not one of {', '.join(map(str, typing.get_args(annotation)))}")
+        return value
+    if origin is list and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got '{value}'")
+    if annotation in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if annotation is int else "a number"
+            raise ConfigError(f"{name}: expected {kind}, got '{value}'") from None
+        if annotation is int:
+            if not number.is_integer():
+                raise ConfigError(f"{name}: expected an integer, got '{value}'")
+            return int(number)
+        return number
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def validate(config: RunConfig) -> None:
+    """Fail on impossible combinations before any model loads, with the fix in the message."""
+    m, a, d, t = config.model, config.adapter, config.data, config.training
+    if not m.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a hub name, a local directory, or `smollm2-135m`)")
+    if a.qlora:
+        if not a.use_peft:
+            raise ConfigError("qlora trains a LoRA adapter on a 4-bit base: use_peft must stay true")
+        m.load_in_4bit = True
+    if m.load_in_4bit and m.load_in_8bit:
+        raise ConfigError("choose one of load_in_4bit and load_in_8bit")
+    if (m.load_in_4bit or m.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("4/8-bit loading needs bitsandbytes: pip install 'medgpt[quant]'")
+    if (m.load_in_4bit or m.load_in_8bit) and not a.use_peft:
+        raise ConfigError("quantised weights cannot be trained in full: use LoRA (use_peft: true) or drop 4/8-bit")
+    if a.freeze_trainable_layers and a.use_peft:
+        raise ConfigError("freeze_trainable_layers applies to full training: set use_peft: false, or drop it")
+    if a.freeze_trainable_layers < 0:
+        raise ConfigError("freeze_trainable_layers must be >= 0 (the number of top layers to train)")
+    if not (d.train_file_dir or d.dataset_name):
+        raise ConfigError("no training data: set train_file_dir (file, folder or glob) or dataset_name")
+    if d.streaming and getattr(t, "max_steps", -1) <= 0:
+        raise ConfigError("streaming data has no known length: set max_steps")
+    if not 0 <= d.validation_split_percentage < 100:
+        raise ConfigError("validation_split_percentage must be in [0, 100)")
+    if m.rope_scaling not in (None, "linear", "dynamic", "yarn"):
+        raise ConfigError(f"rope_scaling '{m.rope_scaling}' is not one of linear, dynamic, yarn")
+    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation flash_attention_2 needs the flash-attn package (GPU only); use sdpa")
+    if config.run.template:
+        from medgpt.data.chat_templates import get_named_template
+
+        get_named_template(config.run.template)
+
+
+def check_context_length(config: RunConfig, model_config) -> None:
+    """A block_size / max_length past the model's context needs RoPE scaling; say so before training."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    wanted = config.data.block_size or getattr(config.training, "max_length", None)
+    if limit and wanted and wanted > limit and not config.model.rope_scaling:
+        raise ConfigError(
+            f"length {wanted} exceeds the model's context of {limit} tokens: lower block_size/max_length, "
+            f"or set rope_scaling: linear | dynamic | yarn (factor {wanted / limit:.2f})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def resolved_options(config: RunConfig) -> dict[str, Any]:
+    """All options of the run as one flat mapping (our names), loadable again with `medgpt train`."""
+    flat: dict[str, Any] = {}
+    for section in config.sections():
+        # transformers' to_dict turns post-init objects (AcceleratorConfig, enums) back into plain values.
+        values = section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
+        for f in dataclasses.fields(section):
+            if f.name in UPSTREAM_DEPRECATED and section is config.training:
+                continue
+            if f.init and f.name not in flat and f.name in values:
+                flat[f.name] = _plain(values[f.name])
+    flat["stage"] = config.stage
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def write_run_config(config: RunConfig, directory: str | Path) -> Path:
+    path = Path(directory) / "run_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = resolved_options(config)
+    given = sorted(k for k in config.given if k != "stage")
+    header = "# medgpt run configuration, fully resolved. Options given by the user: " + ", ".join(given) + "\n"
+    path.write_text(header + yaml.safe_dump(options, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,155 @@
+"""The one model loader: name or path or embedded alias -> tokenizer and model, with dtype, attention,
+quantisation, RoPE scaling and pad-token handling decided in one place."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from medgpt.arguments import ModelArguments
+from medgpt.config import ConfigError
+from medgpt.models.embedded import is_embedded_alias, resolve_embedded
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_model_path(name: str) -> str:
+    """Embedded aliases become their cached safetensors directory; anything else is passed on as is."""
+    if is_embedded_alias(name):
+        return str(resolve_embedded(name))
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name == "fp16" and not torch.cuda.is_available():
+        logger.warning("fp16 weights on CPU are slow and overflow easily; fp32 is the right choice here")
+    return DTYPES[name]
+
+
+def load_model_config(args: ModelArguments):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(args.model_name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    if args.model_type and config.model_type != args.model_type:
+        raise ConfigError(f"model_type is '{args.model_type}' but {args.model_name_or_path} is a '{config.model_type}' model")
+    return config
+
+
+def load_tokenizer(args: ModelArguments):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(args.tokenizer_name_or_path or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token, saying which; masks never compare ids with it anyway."""
+    if tokenizer.pad_token is not None:
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            logger.info("pad token is the end-of-turn/EOS token %r: padding is masked by attention masks, not by id",
+                        tokenizer.pad_token)
+        return
+    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]"):
+        if candidate in tokenizer.get_vocab():
+            tokenizer.pad_token = candidate
+            logger.info("pad token set to the reserved token %r", candidate)
+            return
+    if tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has neither a pad nor an EOS token; add one with new_tokens_file")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.warning("the tokenizer has no pad token: using EOS %r for padding (masks come from attention masks, "
+                   "so EOS is still learned)", tokenizer.eos_token)
+
+
+def quantization_config(args: ModelArguments, dtype: torch.dtype):
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("4/8-bit loading needs bitsandbytes: pip install 'medgpt[quant]'") from err
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # NF4 matches the normal distribution of weights (QLoRA paper)
+        bnb_4bit_use_double_quant=True,  # quantise the quantisation constants too: ~0.4 bit/param saved
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def apply_rope_scaling(config, args: ModelArguments, length: int | None) -> None:
+    """Stretch RoPE so `length` tokens fit (transformers 5 keeps RoPE settings in `config.rope_parameters`)."""
+    if not args.rope_scaling:
+        return
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        raise ConfigError(f"{config.model_type} does not use RoPE parameters: rope_scaling cannot apply")
+    limit = config.max_position_embeddings
+    factor = args.rope_scaling_factor or (float(math.ceil(length / limit)) if length and length > limit else 2.0)
+    params = dict(params)
+    params.update(rope_type=args.rope_scaling, factor=factor)
+    if args.rope_scaling == "yarn":
+        params["original_max_position_embeddings"] = limit
+    config.rope_parameters = params
+    logger.info("RoPE scaling %s with factor %.2f (context %d -> %d)", args.rope_scaling, factor, limit, int(limit * factor))
+
+
+def load_model(args: ModelArguments, tokenizer=None, head: str = "causal_lm", context_length: int | None = None):
+    """Load the model for training or inference. `head`: causal_lm | sequence_classification (scalar reward)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_model_config(args)
+    apply_rope_scaling(config, args, context_length)
+    dtype = resolve_dtype(args.torch_dtype)
+    kwargs = dict(
+        config=config,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        cache_dir=args.cache_dir,
+        attn_implementation=args.attn_implementation,
+    )
+    quant = quantization_config(args, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = args.device_map or {"": _local_device()}
+    elif args.device_map:
+        kwargs["device_map"] = args.device_map
+    path = resolve_model_path(args.model_name_or_path)
+    if head == "sequence_classification":
+        config.num_labels = 1
+        if tokenizer is not None:
+            config.pad_token_id = tokenizer.pad_token_id  # the reward head pools via attention masks; HF needs it set
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    elif head == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        raise ValueError(f"unknown head '{head}'")
+    if tokenizer is not None and model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def _local_device():
+    import os
+
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return "cpu"

@@ -1,0 +1,190 @@
+"""The one generation engine: load a model (dir, hub name, alias, or base + adapter), render prompts with its
+saved chat template, generate in batches or stream, and stop at the template's end-of-turn tokens.
+
+Chat, batch prediction, the API server, the web UI, evaluation and RL rollouts all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from medgpt.arguments import ModelArguments
+from medgpt.data.records import Message
+from medgpt.data.templates import ChatFormat
+from medgpt.models.load import load_model, load_tokenizer, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_META = "medgpt_template.json"  # names the fallback template a model was trained with
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # extra stop strings, besides the template's end-of-turn
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-turn or stop string) | "length"
+
+
+def saved_template_name(model_dir: str | Path) -> str | None:
+    path = Path(model_dir) / TEMPLATE_META
+    return json.loads(path.read_text(encoding="utf-8")).get("template") if path.is_file() else None
+
+
+def save_template_name(model_dir: str | Path, name: str | None) -> None:
+    if name:
+        Path(model_dir, TEMPLATE_META).write_text(json.dumps({"template": name}), encoding="utf-8")
+
+
+class GenerationEngine:
+    def __init__(self, model, tokenizer, chat_format: ChatFormat):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.lock = threading.Lock()  # one generate() at a time per model; callers queue
+
+    @classmethod
+    def load(cls, model: str, template: str | None = None, torch_dtype: str = "auto",
+             device_map: str | None = None, trust_remote_code: bool = False, load_in_4bit: bool = False,
+             load_in_8bit: bool = False) -> "GenerationEngine":
+        """Load a model directory, hub name or alias; a LoRA adapter directory loads its base underneath."""
+        path = resolve_model_path(model)
+        adapter_config = Path(path) / "adapter_config.json"
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else path
+        args = ModelArguments(model_name_or_path=base, torch_dtype=torch_dtype, device_map=device_map,
+                              trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,
+                              load_in_8bit=load_in_8bit)
+        tokenizer_source = path if (Path(path) / "tokenizer_config.json").is_file() else base
+        tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_source,
+                                                  trust_remote_code=trust_remote_code))
+        network = load_model(args, tokenizer)
+        if adapter_config.is_file():
+            from peft import PeftModel
+
+            network = PeftModel.from_pretrained(network, path)
+        if device_map is None and torch.cuda.is_available() and not (load_in_4bit or load_in_8bit):
+            network = network.to("cuda")
+        template = template or saved_template_name(path)
+        return cls(network, tokenizer, ChatFormat(tokenizer, template))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------------------------------- batches
+
+    def _generation_kwargs(self, params: SamplingParams) -> dict:
+        sample = params.temperature > 0
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=self.chat_format.stop_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            repetition_penalty=params.repetition_penalty,
+        )
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:  # the model's generation_config may carry sampling defaults; greedy must not warn about them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        stops = [s for s in (*self.chat_format.stop_strings, *params.stop) if len(self.tokenizer.encode(s, add_special_tokens=False)) > 1]
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        return kwargs
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return ids, mask
+
+    def _finish(self, new_ids: list[int], params: SamplingParams) -> Completion:
+        stop_ids = set(self.chat_format.stop_token_ids())
+        cut = next((i for i, t in enumerate(new_ids) if t in stop_ids), None)
+        kept = new_ids if cut is None else new_ids[:cut]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        reason = "stop" if cut is not None else "length"
+        for stop in (*self.chat_format.stop_strings, *params.stop):
+            if stop and stop in text:
+                text, reason = text[: text.index(stop)], "stop"
+        if reason == "length" and len(new_ids) < params.max_new_tokens:
+            reason = "stop"  # a multi-token stop string ended generation
+        return Completion(text.strip(), 0, len(kept) if cut is not None else len(new_ids), reason)
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[list[Message]], params: SamplingParams | None = None,
+                 tools: list[dict] | None = None, batch_size: int = 8) -> list[Completion]:
+        """Answer each conversation (its last turn is the user's); batches are left-padded."""
+        params = params or SamplingParams()
+        results: list[Completion] = []
+        with self.lock:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(conversations), batch_size):
+                prompts = [self.chat_format.prompt_ids(c, tools) for c in conversations[start:start + batch_size]]
+                ids, mask = self._left_padded(prompts)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generation_kwargs(params))
+                for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
+                    completion = self._finish(row, params)
+                    completion.prompt_tokens = len(prompt)
+                    results.append(completion)
+        return results
+
+    # ---------------------------------------------------------------------------------------- streaming
+
+    def stream(self, messages: list[Message], params: SamplingParams | None = None,
+               tools: list[dict] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (a background thread runs `generate`)."""
+        from transformers import TextIteratorStreamer
+
+        params = params or SamplingParams()
+        prompt = self.chat_format.prompt_ids(messages, tools)
+        ids, mask = self._left_padded([prompt])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=mask, streamer=streamer, **self._generation_kwargs(params))
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with self.lock, torch.inference_mode():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    self.model.generate(**kwargs)
+            except BaseException as err:  # surfaced in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text = ""
+        stops = [s for s in (*self.chat_format.stop_strings, *params.stop) if s]
+        for piece in streamer:
+            text += piece
+            hit = next((s for s in stops if s in text), None)
+            if hit:
+                piece = piece[: len(piece) - (len(text) - text.index(hit))]
+                if piece:
+                    yield piece
+                break
+            yield piece
+        thread.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,44 @@
+"""The registry of training stages: each stage module registers one `Stage`; the CLI and pipeline read it."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str  # one line for `medgpt --help`
+    run: Callable[[Any], dict]  # RunConfig -> final metrics
+    training_class: type  # the transformers / TRL config class holding the trainer options
+    extra_classes: tuple[type, ...] = ()  # stage-specific option sections
+    data_kind: str = "conversation"  # record kind the stage reads (see medgpt.data.records.KINDS)
+
+
+STAGES: dict[str, Stage] = {}
+
+# Stage modules, imported on first use; each calls `register`. Later stages add their module here.
+STAGE_MODULES: tuple[str, ...] = ()
+
+
+def register(stage: Stage) -> Stage:
+    if stage.name in STAGES:
+        raise ValueError(f"stage '{stage.name}' is registered twice")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def load_stages() -> dict[str, Stage]:
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    return STAGES
+
+
+def get_stage(name: str) -> Stage:
+    stages = load_stages()
+    if name not in stages:
+        known = ", ".join(sorted(stages)) or "none yet"
+        raise KeyError(f"unknown stage '{name}' (available: {known})")
+    return stages[name]

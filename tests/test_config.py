@@ -1,0 +1,201 @@
+"""Config: YAML + overrides -> typed sections, strict names, MedicalGPT aliases, checks before any model loads."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import yaml
+from transformers import TrainingArguments
+from trl import DPOConfig, SFTConfig
+
+from medgpt import config as config_module
+from medgpt.config import (
+    ConfigError,
+    build_config,
+    check_context_length,
+    load_config,
+    parse_overrides,
+    resolved_options,
+    write_run_config,
+)
+from medgpt.stages import Stage
+
+SFT = Stage("sft", "test sft", lambda c: {}, SFTConfig)
+PT = Stage("pt", "test pt", lambda c: {}, TrainingArguments, data_kind="text")
+DPO = Stage("dpo", "test dpo", lambda c: {}, DPOConfig, data_kind="preference")
+BASE = {"model_name_or_path": "some/model", "train_file_dir": "data/demo/sft", "output_dir": "out"}
+
+
+def test_unknown_option_is_an_error_that_lists_the_closest_names():
+    with pytest.raises(ConfigError) as err:
+        build_config(SFT, {**BASE, "learnig_rate": 1e-4, "lora_rnk": 8})
+    message = str(err.value)
+    assert "learnig_rate (did you mean: learning_rate?)" in message
+    assert "lora_rnk (did you mean: lora_rank," in message
+    assert "medgpt sft --help" in message
+
+
+def test_option_of_another_stage_is_unknown_here():
+    # `beta` means something in DPO; PT has no such option.
+    assert build_config(DPO, {**BASE, "beta": 0.2}).training.beta == 0.2
+    with pytest.raises(ConfigError, match="beta"):
+        build_config(PT, {**BASE, "beta": 0.2})
+
+
+def test_yaml_then_key_value_then_dash_flags_override_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "stage": "sft", "learning_rate": "2e-5", "lora_rank": 4}))
+    config = load_config(SFT, path, ["lora_rank=16", "--lora_alpha", "32", "--use_dora", "--num_train_epochs=2"])
+    assert config.training.learning_rate == pytest.approx(2e-5)  # PyYAML reads 2e-5 as a string
+    assert config.adapter.lora_rank == 16
+    assert config.adapter.lora_alpha == 32.0
+    assert config.adapter.use_dora is True
+    assert config.training.num_train_epochs == 2
+
+
+def test_medicalgpt_aliases_are_accepted_and_written_back_under_our_names(tmp_path):
+    config = build_config(SFT, {**BASE, "template_name": "chatml", "model_max_length": 256,
+                                "train_on_inputs": True, "neft_alpha": 5, "torch_dtype": "bfloat16"})
+    assert config.run.template == "chatml"
+    assert config.training.max_length == 256
+    assert config.run.train_on_prompt is True
+    assert config.training.neftune_noise_alpha == 5
+    assert config.model.torch_dtype == "bf16"
+    written = yaml.safe_load(write_run_config(config, tmp_path).read_text())
+    assert written["template"] == "chatml" and written["max_length"] == 256
+    assert not {"template_name", "model_max_length", "train_on_inputs", "neft_alpha"} & set(written)
+
+
+def test_alias_and_canonical_name_together_is_an_error():
+    with pytest.raises(ConfigError, match="alias"):
+        build_config(SFT, {**BASE, "template": "chatml", "template_name": "qwen"})
+
+
+def test_bad_dtype_and_bad_types_are_explained():
+    with pytest.raises(ConfigError, match="torch_dtype"):
+        build_config(SFT, {**BASE, "torch_dtype": "float8"})
+    with pytest.raises(ConfigError, match="lora_rank: expected an integer"):
+        build_config(SFT, {**BASE, "lora_rank": "eight"})
+    with pytest.raises(ConfigError, match="use_peft: expected true or false"):
+        build_config(SFT, {**BASE, "use_peft": "maybe"})
+
+
+def test_shared_names_reach_both_the_loader_and_the_trainer():
+    config = build_config(SFT, {**BASE, "trust_remote_code": True, "gradient_checkpointing": True})
+    assert config.model.trust_remote_code is True and config.training.trust_remote_code is True
+    assert config.model.gradient_checkpointing is True
+    assert config.training.activation_checkpointing is True  # transformers' new name for it
+
+
+def test_trust_remote_code_is_off_by_default():
+    config = build_config(SFT, BASE)
+    assert config.model.trust_remote_code is False and config.training.trust_remote_code is False
+
+
+def test_precision_is_chosen_from_the_hardware_on_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for stage in (SFT, DPO, PT):  # TRL configs default bf16=None, which would raise on CPU
+        config = build_config(stage, BASE)
+        assert config.training.bf16 is False and config.training.fp16 is False
+        assert config.training.use_cpu is True  # so torchrun / accelerate form one data-parallel group
+
+
+def test_fp16_on_cpu_fails_with_the_fix(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="fp16 mixed precision needs a CUDA GPU"):
+        build_config(SFT, {**BASE, "fp16": True})
+
+
+def test_4bit_without_bitsandbytes_fails_before_loading(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(config_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'medgpt\[quant\]'"):
+        build_config(SFT, {**BASE, "qlora": True})
+
+
+def test_impossible_combinations_fail_with_the_fix():
+    cases = [
+        ({"qlora": True, "use_peft": False}, "use_peft must stay true"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "choose one"),
+        ({"load_in_8bit": True, "use_peft": False}, "cannot be trained in full"),
+        ({"freeze_trainable_layers": 2}, "set use_peft: false"),
+        ({"streaming": True}, "set max_steps"),
+        ({"rope_scaling": "ntk"}, "linear, dynamic, yarn"),
+        ({"template": "chatm"}, "chatml"),
+        ({"model_name_or_path": None}, "model_name_or_path is required"),
+        ({"train_file_dir": None}, "no training data"),
+    ]
+    for extra, fix in cases:
+        with pytest.raises((ConfigError, ValueError), match=fix):
+            build_config(SFT, {**BASE, **extra})
+
+
+def test_qlora_implies_4bit_loading():
+    assert build_config(SFT, {**BASE, "qlora": True}).model.load_in_4bit is True
+
+
+def test_length_past_the_context_needs_rope_scaling():
+    from transformers import LlamaConfig
+
+    model_config = LlamaConfig(max_position_embeddings=512)
+    config = build_config(PT, {**BASE, "block_size": 1024})
+    with pytest.raises(ConfigError, match="rope_scaling: linear"):
+        check_context_length(config, model_config)
+    check_context_length(build_config(PT, {**BASE, "block_size": 1024, "rope_scaling": "linear"}), model_config)
+    with pytest.raises(ConfigError, match="exceeds the model's context of 512"):
+        check_context_length(build_config(SFT, {**BASE, "max_length": 2048}), model_config)
+
+
+def test_stage_mismatch_between_file_and_command():
+    with pytest.raises(ConfigError, match="stage 'dpo'"):
+        build_config(SFT, {**BASE, "stage": "dpo"})
+
+
+def test_run_config_is_fully_resolved_and_loads_again(tmp_path):
+    config = build_config(SFT, {**BASE, "learning_rate": 1e-4, "lora_rank": 4})
+    path = write_run_config(config, tmp_path)
+    written = yaml.safe_load(path.read_text())
+    # every option of every section is there, not only the given ones
+    assert {"lora_dropout", "torch_dtype", "warmup_steps", "packing", "max_length", "stage"} <= set(written)
+    assert "given by the user: learning_rate, lora_rank, model_name_or_path, output_dir, train_file_dir" in path.read_text().splitlines()[0]
+    again = build_config(SFT, written)
+    assert resolved_options(again) == resolved_options(config)
+
+
+def test_parse_overrides_reads_yaml_scalars():
+    assert parse_overrides(["a=3", "b=true", "--c", "[x, y]", "--flag", "--d=none", "e=2e-5"]) == {
+        "a": 3, "b": True, "c": ["x", "y"], "flag": True, "d": "none", "e": "2e-5"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["stray"])
+
+
+def test_nested_yaml_mapping_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: x\n")
+    with pytest.raises(ConfigError, match="options are flat"):
+        load_config(SFT, path)
+
+
+def test_every_own_option_has_help_text():
+    import dataclasses
+
+    for section in config_module.OWN_SECTIONS:
+        for f in dataclasses.fields(section):
+            assert len(f.metadata.get("help", "")) > 20, f"{section.__name__}.{f.name} lacks help"
+
+
+def test_stage_help_is_the_parameter_manual(capsys, monkeypatch):
+    from medgpt import cli, stages
+
+    monkeypatch.setitem(stages.STAGES, "sft", SFT)
+    assert cli.main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "torch_dtype (default: auto)" in out and "Ampere" in out
+    assert "load_in_4bit" in out and "learning_rate" in out
+    assert "template_name -> template" in out
