@@ -11,6 +11,7 @@ import textwrap
 from medgpt import __version__
 from medgpt.config import OWN_SECTIONS
 from medgpt.data.check import STAGE_KINDS
+from medgpt.data.readers import FORMATS
 
 logger = logging.getLogger("medgpt")
 
@@ -132,8 +133,7 @@ def add_tool_commands(commands) -> None:
                    help="also check that the records suit this stage")
     p.add_argument("--model", help="tokenizer to report token lengths with (name, dir or smollm2-135m)")
     p.add_argument("--template", help="named chat template for the token count (default: the tokenizer's)")
-    p.add_argument("--format", default="auto", help="force a format: auto, text, sharegpt, openai, alpaca, "
-                   "preference, kto, qa, mcq")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="force a format instead of detecting it")
     p.add_argument("--text-separator", default="line", choices=["line", "blank_line"],
                    help=".txt documents: one per line (default) or separated by blank lines")
     p.add_argument("--max-errors", type=int, default=50, help="errors shown per file")

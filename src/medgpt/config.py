@@ -301,6 +301,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("streaming data has no known length: set max_steps")
     if not 0 <= d.validation_split_percentage < 100:
         raise ConfigError("validation_split_percentage must be in [0, 100)")
+    from medgpt.data.readers import FORMATS
+
+    if d.data_format not in FORMATS:
+        raise ConfigError(f"data_format '{d.data_format}' is not one of {', '.join(FORMATS)}")
     if m.rope_scaling not in (None, "linear", "dynamic", "yarn"):
         raise ConfigError(f"rope_scaling '{m.rope_scaling}' is not one of linear, dynamic, yarn")
     if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -6,7 +6,8 @@
 | sharegpt    | `conversations[{from, value}]`, optional `system`, `tools` | Conversation |
 | openai      | `messages[{role, content, tool_calls?}]`, optional `tools` | Conversation |
 | alpaca      | `instruction`, `input`, `output`, optional `history`, `system` | Conversation |
-| preference  | prompt as `conversations`/`messages`/`prompt`, `chosen`, `rejected` | PreferencePair |
+| preference  | prompt as `conversations`/`messages`/`prompt`, `chosen`, `rejected`; or MedicalGPT's reward
+|             | format `question`, `response_chosen`, `response_rejected`, optional `history`, `system` | PreferencePair |
 | kto         | `prompt`, `completion`, `label`                          | KTORecord      |
 | qa          | `question`, optional `answer`, `system`                  | QARecord       |
 | mcq         | `question`, `options` (dict or list), `answer`           | MCQRecord      |
@@ -52,6 +53,7 @@ def detect_format(obj: Any) -> str:
     keys = set(obj)
     rules = [
         ({"chosen", "rejected"}, "preference"),
+        ({"response_chosen", "response_rejected"}, "preference"),
         ({"completion", "label"}, "kto"),
         ({"question", "options"}, "mcq"),
         ({"question"}, "qa"),
@@ -139,53 +141,46 @@ def _content(value: Any, field: str) -> str:
     raise RecordError(field, f"expected a string, got {type(value).__name__}")
 
 
-def sharegpt_messages(turns: Any, field: str) -> list[Message]:
+def _sharegpt_turn(turn: dict, where: str) -> Message:
+    role = turn.get("from")
+    if role not in SHAREGPT_ROLES:
+        raise RecordError(f"{where}.from", f"unknown role {role!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+    if role == "function_call":
+        return Message("assistant", "", _tool_calls(turn.get("value"), f"{where}.value"))
+    return Message(SHAREGPT_ROLES[role], _content(turn.get("value"), f"{where}.value"))
+
+
+def _openai_turn(turn: dict, where: str) -> Message:
+    role = turn.get("role")
+    if role not in ("system", "user", "assistant", "tool"):
+        raise RecordError(f"{where}.role", f"unknown role {role!r} (expected system, user, assistant or tool)")
+    calls = _tool_calls(turn["tool_calls"], f"{where}.tool_calls") if turn.get("tool_calls") else None
+    content = turn.get("content")
+    content = "" if content is None and calls else _content(content, f"{where}.content")
+    return Message(role, content, calls)
+
+
+def turns_to_messages(turns: Any, field: str) -> list[Message]:
+    """A list of turns, each ShareGPT-shaped ({from, value}) or OpenAI-shaped ({role, content})."""
     if not isinstance(turns, list) or not turns:
         raise RecordError(field, "expected a non-empty list of turns")
     messages = []
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise RecordError(where, "expected an object with 'from' and 'value'")
-        if "from" not in turn and "role" in turn:  # OpenAI-shaped turns inside a ShareGPT-keyed list
-            messages.extend(openai_messages([turn], field))
-            continue
-        role = turn.get("from")
-        if role not in SHAREGPT_ROLES:
-            raise RecordError(f"{where}.from", f"unknown role {role!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
-        if role == "function_call":
-            messages.append(Message("assistant", "", _tool_calls(turn.get("value"), f"{where}.value")))
-        else:
-            messages.append(Message(SHAREGPT_ROLES[role], _content(turn.get("value"), f"{where}.value")))
+            raise RecordError(where, "expected an object with 'from'/'value' or 'role'/'content'")
+        messages.append(_sharegpt_turn(turn, where) if "from" in turn or "role" not in turn else _openai_turn(turn, where))
     return messages
 
 
-def openai_messages(turns: Any, field: str) -> list[Message]:
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(field, "expected a non-empty list of messages")
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"{field}[{i}]"
-        if not isinstance(turn, dict):
-            raise RecordError(where, "expected an object with 'role' and 'content'")
-        if "role" not in turn and "from" in turn:
-            messages.extend(sharegpt_messages([turn], field))
-            continue
-        role = turn.get("role")
-        if role not in ("system", "user", "assistant", "tool"):
-            raise RecordError(f"{where}.role", f"unknown role {role!r} (expected system, user, assistant or tool)")
-        calls = _tool_calls(turn["tool_calls"], f"{where}.tool_calls") if turn.get("tool_calls") else None
-        content = turn.get("content")
-        content = "" if content is None and calls else _content(content, f"{where}.content")
-        messages.append(Message(role, content, calls))
-    return messages
+def check_conversation(messages: list[Message], field: str, needs_reply: bool = True, offset: int = 0) -> None:
+    """Roles in a valid order: [system] user assistant (user assistant)*, with tool calls answered by tools.
 
-
-def check_conversation(messages: list[Message], field: str, needs_reply: bool = True) -> None:
-    """Roles in a valid order: [system] user assistant (user assistant)*, with tool calls answered by tools."""
+    `offset` maps message positions back to the file's turn numbers (-1 when a top-level `system` was added).
+    """
     previous = None
     for i, message in enumerate(messages):
-        where = f"{field}[{i}]"
+        where = f"{field}[{i + offset}]" if i + offset >= 0 else "system"
         role = message.role
         if role == "system":
             if i != 0:
@@ -216,11 +211,12 @@ def check_prompt(messages: list[Message], field: str) -> None:
         raise RecordError(field, f"a prompt must end with a user or tool turn, not {messages[-1].role}")
 
 
-def _with_system(obj: dict, messages: list[Message]) -> list[Message]:
+def _with_system(obj: dict, messages: list[Message]) -> tuple[list[Message], int]:
+    """Prepend a top-level `system` string; also return the turn-number offset this causes."""
     system = _string(obj, "system", required=False)
-    if system and not (messages and messages[0].role == "system"):
-        return [Message("system", system), *messages]
-    return messages
+    if system.strip() and not (messages and messages[0].role == "system"):
+        return [Message("system", system), *messages], -1
+    return messages, 0
 
 
 # ------------------------------------------------------------------------------------------------ parsers
@@ -233,14 +229,14 @@ def parse_text(obj: Any, source: Source) -> TextRecord:
 
 
 def parse_sharegpt(obj: dict, source: Source) -> Conversation:
-    messages = _with_system(obj, sharegpt_messages(obj.get("conversations"), "conversations"))
-    check_conversation(messages, "conversations")
+    messages, offset = _with_system(obj, turns_to_messages(obj.get("conversations"), "conversations"))
+    check_conversation(messages, "conversations", offset=offset)
     return Conversation(messages, source, _tools(obj))
 
 
 def parse_openai(obj: dict, source: Source) -> Conversation:
-    messages = _with_system(obj, openai_messages(obj.get("messages"), "messages"))
-    check_conversation(messages, "messages")
+    messages, offset = _with_system(obj, turns_to_messages(obj.get("messages"), "messages"))
+    check_conversation(messages, "messages", offset=offset)
     return Conversation(messages, source, _tools(obj))
 
 
@@ -257,7 +253,7 @@ def parse_alpaca(obj: dict, source: Source) -> Conversation:
             raise RecordError(f"history[{i}]", "expected [question, answer] strings")
         messages += [Message("user", pair[0]), Message("assistant", pair[1])]
     user = f"{instruction}\n{extra}" if extra.strip() else instruction
-    messages = _with_system(obj, [*messages, Message("user", user), Message("assistant", output)])
+    messages, _ = _with_system(obj, [*messages, Message("user", user), Message("assistant", output)])
     check_conversation(messages, "history/instruction/output")
     return Conversation(messages, source, _tools(obj))
 
@@ -268,10 +264,8 @@ def _messages_any(value: Any, field: str, default_role: str) -> list[Message]:
         if not value.strip():
             raise RecordError(field, "empty")
         return [Message(default_role, value)]
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
-        return sharegpt_messages(value, field)
     if isinstance(value, list):
-        return openai_messages(value, field)
+        return turns_to_messages(value, field)
     if isinstance(value, dict):
         return _messages_any([value], field, default_role)
     raise RecordError(field, f"expected a string or a list of messages, got {type(value).__name__}")
@@ -280,8 +274,20 @@ def _messages_any(value: Any, field: str, default_role: str) -> list[Message]:
 def _prompt(obj: dict) -> list[Message]:
     for key in ("conversations", "messages", "prompt"):
         if key in obj:
-            return _with_system(obj, _messages_any(obj[key], key, "user"))
+            return _with_system(obj, _messages_any(obj[key], key, "user"))[0]
     raise RecordError("prompt", "missing (give conversations, messages or prompt)")
+
+
+def _medicalgpt_reward_record(obj: dict) -> dict:
+    """MedicalGPT's reward format: system, history [[q, a]…], question, response_chosen, response_rejected."""
+    turns = []
+    for i, pair in enumerate(obj.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RecordError(f"history[{i}]", "expected [question, answer]")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    turns.append({"role": "user", "content": _string(obj, "question")})
+    return {"messages": turns, "system": obj.get("system"), "tools": obj.get("tools"),
+            "chosen": obj.get("response_chosen"), "rejected": obj.get("response_rejected")}
 
 
 def _reply(obj: dict, key: str, prompt: list[Message]) -> list[Message]:
@@ -297,6 +303,8 @@ def _reply(obj: dict, key: str, prompt: list[Message]) -> list[Message]:
 
 
 def parse_preference(obj: dict, source: Source) -> PreferencePair:
+    if "response_chosen" in obj:
+        obj = _medicalgpt_reward_record(obj)
     if "conversations" not in obj and "messages" not in obj and "prompt" not in obj:
         chosen = _messages_any(obj.get("chosen"), "chosen", "assistant")
         rejected = _messages_any(obj.get("rejected"), "rejected", "assistant")
@@ -304,6 +312,7 @@ def parse_preference(obj: dict, source: Source) -> PreferencePair:
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        prompt = _with_system(obj, prompt)[0] if prompt else prompt
         if not prompt:
             raise RecordError("prompt", "missing (give conversations, messages or prompt)")
     else:

@@ -24,6 +24,12 @@ class ReadOptions:
     text_separator: str = "line"  # "line" | "blank_line"
     keep_linebreaks: bool = True
 
+    def __post_init__(self):
+        if self.data_format not in FORMATS:
+            raise ValueError(f"data_format '{self.data_format}' is not one of {', '.join(FORMATS)}")
+        if self.text_separator not in ("line", "blank_line"):
+            raise ValueError(f"text_separator '{self.text_separator}' is not one of line, blank_line")
+
     @classmethod
     def from_args(cls, data_args) -> "ReadOptions":
         return cls(data_args.data_format, data_args.text_separator, data_args.keep_linebreaks)
@@ -149,6 +155,7 @@ class RecordReader:
 
     def __init__(self, items: Iterable[tuple[Source, Any]], options: ReadOptions, text_file: bool = False):
         self.items = items
+        self.text_file = text_file
         self.format = "text" if text_file else (None if options.data_format == "auto" else options.data_format)
 
     def __iter__(self) -> Iterator[Record | DataError]:
@@ -157,6 +164,8 @@ class RecordReader:
                 yield item
                 continue
             try:
+                if not (self.text_file or isinstance(item, dict) or (self.format == "text" and isinstance(item, str))):
+                    raise RecordError("record", f"expected a JSON object, got {type(item).__name__}")
                 if self.format is None:
                     self.format = detect_format(item)
                 yield PARSERS[self.format](item, source)

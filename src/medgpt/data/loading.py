@@ -1,0 +1,99 @@
+"""Training and validation records for a stage, from DataArguments: files and/or a hub dataset, validated,
+split, and capped — or, with `streaming`, a lazy iterator that never holds the corpus in memory."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+from medgpt.arguments import DataArguments
+from medgpt.data.readers import (
+    ReadOptions,
+    ReadResult,
+    check_kind,
+    collect,
+    file_reader,
+    finish,
+    hub_reader,
+    resolve_many,
+)
+from medgpt.data.records import DataError, InvalidDataError, Record, Source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageData:
+    train: list[Record]
+    eval: list[Record]
+    skipped: int  # invalid records dropped (skip_invalid_records)
+
+
+def _read(specs: str | None, hub: str | None, args: DataArguments, kinds: tuple[str, ...], split: str) -> ReadResult:
+    options = ReadOptions.from_args(args)
+    result = ReadResult()
+    if specs:
+        for path in resolve_many(specs):
+            collect(file_reader(path, options), str(path), kinds, result)
+    if hub:
+        collect(hub_reader(hub, args.dataset_config_name, split, options, streaming=False), hub, kinds, result)
+    return finish(result, args.skip_invalid_records)
+
+
+def load_stage_data(args: DataArguments, kinds: tuple[str, ...], seed: int = 42) -> StageData:
+    """Read, validate (before any model loads), split off validation records, apply max_*_samples."""
+    train = _read(args.train_file_dir, args.dataset_name, args, kinds, "train")
+    records, skipped = train.records, len(train.errors)
+    if args.validation_file_dir:
+        evaluation = _read(args.validation_file_dir, None, args, kinds, "validation")
+        eval_records, skipped = evaluation.records, skipped + len(evaluation.errors)
+    elif args.validation_split_percentage > 0:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(records) * args.validation_split_percentage / 100))
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
+    else:
+        eval_records = []
+    if args.max_train_samples is not None:
+        records = records[: args.max_train_samples]
+    if args.max_eval_samples is not None:
+        eval_records = eval_records[: args.max_eval_samples]
+    if not records:
+        where = Source(str(args.train_file_dir or args.dataset_name), 0)
+        raise InvalidDataError([DataError(where, "records", "no training records left after the validation split")])
+    logger.info("data: %d training and %d validation records (%d invalid skipped)", len(records), len(eval_records), skipped)
+    return StageData(records, eval_records, skipped)
+
+
+def stream_records(args: DataArguments, kinds: tuple[str, ...]) -> Iterator[Record]:
+    """Records one at a time, files then hub rows, for corpora larger than memory. A bad record stops the
+    stream with its file:line unless skip_invalid_records, which logs and skips it."""
+    options = ReadOptions.from_args(args)
+    readers = []
+    if args.train_file_dir:
+        readers += [(str(p), file_reader(p, options)) for p in resolve_many(args.train_file_dir)]
+    if args.dataset_name:
+        readers.append((args.dataset_name, hub_reader(args.dataset_name, args.dataset_config_name, "train",
+                                                      options, streaming=True, cache_dir=None)))
+    skipped = 0
+    produced = 0
+    for name, reader in readers:
+        for item in reader:
+            wrong = check_kind(reader, name, kinds)
+            if wrong:
+                raise InvalidDataError([wrong])
+            if isinstance(item, DataError):
+                if not args.skip_invalid_records:
+                    raise InvalidDataError([item])
+                skipped += 1
+                if skipped <= 5:
+                    logger.warning("skipping invalid record: %s", item)
+                continue
+            yield item
+            produced += 1
+            if args.max_train_samples is not None and produced >= args.max_train_samples:
+                return
