@@ -45,6 +45,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

@@ -47,27 +47,42 @@ def attach_adapter(model, args: AdapterArguments, task_type: str = "CAUSAL_LM",
 
 
 def freeze_layers(model, train_top: int) -> None:
-    """Full training of only the top `train_top` decoder layers, the final norm and the output head."""
-    layers = _decoder_layer_count(model)
+    """Full training of only the top `train_top` decoder layers, the final norm and the output head.
+
+    The head is trained even when it is tied to the input embeddings (then both train: they are one tensor).
+    `train_top` 0 means the option is off: everything stays trainable.
+    """
+    if train_top <= 0:
+        return
+    prefix, layers = _decoder_layers(model)
     if train_top > layers:
         raise ValueError(f"freeze_trainable_layers={train_top} but the model has only {layers} layers")
     first = layers - train_top
-    pattern = re.compile(r"\.layers\.(\d+)\.")
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    embeddings = model.get_input_embeddings()
+    embedding_ids = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
     for name, param in model.named_parameters():
-        match = pattern.search(name)
+        match = pattern.match(name)
         if match:
             param.requires_grad = int(match.group(1)) >= first
-        else:
-            # Outside the layer stack: embeddings stay frozen; the final norm and the head train.
-            param.requires_grad = not ("embed_tokens" in name or "wte" in name or "wpe" in name)
+        else:  # outside the layer stack: embeddings (token and position) freeze, final norm trains
+            param.requires_grad = id(param) not in embedding_ids and "wpe" not in name
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.weight.requires_grad = True
     logger.info("training the top %d of %d layers", train_top, layers)
 
 
-def _decoder_layer_count(model) -> int:
+def _decoder_layers(model) -> tuple[str, int]:
+    """The name and length of the module list holding the decoder blocks (layers, h, blocks …)."""
+    import torch.nn as nn
+
     count = getattr(model.config, "num_hidden_layers", None)
-    if count is None:
-        raise ValueError("cannot tell how many layers the model has (config.num_hidden_layers is missing)")
-    return count
+    candidates = [(name, len(m)) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) > 0 and (count is None or len(m) == count)]
+    if not candidates:
+        raise ValueError("cannot find the model's stack of decoder layers to freeze")
+    return max(candidates, key=lambda c: c[1])
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from medgpt.arguments import ModelArguments
+from medgpt.arguments import DTYPE_ALIASES, ModelArguments
 from medgpt.config import ConfigError
 from medgpt.models.embedded import is_embedded_alias, resolve_embedded
 
@@ -31,6 +31,9 @@ def resolve_dtype(name: str | None) -> torch.dtype:
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"dtype '{name}' is not one of auto, bf16, fp16, fp32")
     if name == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 weights on CPU are slow and overflow easily; fp32 is the right choice here")
     return DTYPES[name]
@@ -139,7 +142,8 @@ def load_model(args: ModelArguments, tokenizer=None, head: str = "causal_lm", co
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
         raise ValueError(f"unknown head '{head}'")
-    if tokenizer is not None and model.generation_config is not None and model.generation_config.pad_token_id is None:
+    generation_config = getattr(model, "generation_config", None)  # only models that can generate have one
+    if tokenizer is not None and generation_config is not None and generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
