@@ -82,6 +82,12 @@ class ModelArguments:
         "Factor for rope_scaling (e.g. 2.0 doubles the context). Default: length / max_position_embeddings.",
         default=None,
     )
+    new_tokens_file: str | None = _help(
+        """A text file with one new token per line (e.g. domain terms or special tokens) to add to the
+        vocabulary. Embeddings are resized (new rows = mean of the old ones) only when tokens were really added,
+        and embed_tokens/lm_head then train in full (saved with a LoRA adapter via modules_to_save).""",
+        default=None,
+    )
     gradient_checkpointing: bool = _help(
         """Recompute activations in the backward pass instead of storing them: cuts activation memory by
         roughly the number of layers at ~30% more compute. Turn on when a batch does not fit.""",
@@ -219,4 +225,16 @@ class RunArguments:
     )
     overwrite_output_dir: bool = _help(
         "Allow writing into a non-empty output_dir (otherwise refused, unless resuming).", default=False
+    )
+
+
+@dataclass
+class CausalLMArguments:
+    """Options of the causal-LM stages (PT, SFT)."""
+
+    loss_chunk_size: int = _help(
+        """Positions per chunk when computing the loss. The full (tokens x vocabulary) fp32 logits are never
+        materialised: only trained positions are projected, a chunk at a time, recomputed in the backward.
+        Smaller saves memory, larger is a little faster; 1024 suits most GPUs and CPUs.""",
+        default=1024,
     )

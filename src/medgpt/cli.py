@@ -125,6 +125,19 @@ def cmd_chat(args) -> int:
         history.append(Message("assistant", answer.strip()))
 
 
+def cmd_merge(args) -> int:
+    from medgpt.models.merge import merge_adapter
+
+    try:
+        merge_adapter(args.adapter, args.output, dtype=args.dtype, base=args.base,
+                      trust_remote_code=args.trust_remote_code)
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {args.output}")
+    return 0
+
+
 def add_tool_commands(commands) -> None:
     check = commands.add_parser("data", help="inspect training data").add_subparsers(dest="data_command", required=True)
     p = check.add_parser("check", help="validate data files: format, counts, every error as file:line: field: problem")
@@ -152,6 +165,16 @@ def add_tool_commands(commands) -> None:
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
     p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain model")
+    p.add_argument("--adapter", required=True, help="adapter directory (has adapter_config.json)")
+    p.add_argument("--output", required=True, help="new directory for the merged model (refused if not empty)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights dtype saved: auto keeps the load dtype (fp32 on CPU, bf16 on recent GPUs); "
+                        "bf16 halves the size with fp32's range; fp16 only for runtimes without bf16")
+    p.add_argument("--base", help="base model to merge into (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
+    p.set_defaults(func=cmd_merge)
 
 
 # ------------------------------------------------------------------------------------------ entry

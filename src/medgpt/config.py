@@ -315,14 +315,13 @@ def validate(config: RunConfig) -> None:
         get_named_template(config.run.template)
 
 
-def check_context_length(config: RunConfig, model_config) -> None:
+def check_context_length(config: RunConfig, model_config, length: int | None) -> None:
     """A block_size / max_length past the model's context needs RoPE scaling; say so before training."""
     limit = getattr(model_config, "max_position_embeddings", None)
-    wanted = config.data.block_size or getattr(config.training, "max_length", None)
-    if limit and wanted and wanted > limit and not config.model.rope_scaling:
+    if limit and length and length > limit and not config.model.rope_scaling:
         raise ConfigError(
-            f"length {wanted} exceeds the model's context of {limit} tokens: lower block_size/max_length, "
-            f"or set rope_scaling: linear | dynamic | yarn (factor {wanted / limit:.2f})"
+            f"length {length} exceeds the model's context of {limit} tokens: lower block_size/max_length, "
+            f"or set rope_scaling: linear | dynamic | yarn (factor {length / limit:.2f})"
         )
 
 

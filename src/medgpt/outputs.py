@@ -54,7 +54,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 
 def write_model_card(directory: str | Path, *, base_model: str, stages: list[str], data: list[str],
                      metrics: dict[str, float] | None = None, method: str = "", template: str = "",
-                     notes: str = "") -> Path:
+                     notes: str = "", title: str | None = None) -> Path:
     """README.md for a trained output: base model, data, stages, metrics, and the medical disclaimer."""
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in (metrics or {}).items())
@@ -64,7 +64,7 @@ base_model: {base_model}
 tags: [medgpt, medical, {', '.join(stages)}]
 ---
 
-# {Path(directory).name}
+# {title or Path(directory).name}
 
 Trained with medgpt on {datetime.date.today().isoformat()}.
 

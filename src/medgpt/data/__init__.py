@@ -1,0 +1,1 @@
+"""Data: readers and formats, validation, templates and masks, stage features and collators."""

@@ -20,7 +20,7 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 # Stage modules, imported on first use; each calls `register`. Later stages add their module here.
-STAGE_MODULES: tuple[str, ...] = ()
+STAGE_MODULES: tuple[str, ...] = ("medgpt.stages.pt", "medgpt.stages.sft")
 
 
 def register(stage: Stage) -> Stage:

@@ -1,0 +1,1 @@
+"""Model loading, the embedded default, adapters and merging."""

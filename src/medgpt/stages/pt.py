@@ -1,0 +1,78 @@
+"""Stage 1, continued pretraining (PT): inject domain knowledge from raw text, packed by document."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainingArguments
+
+from medgpt.arguments import CausalLMArguments
+from medgpt.config import ConfigError, RunConfig, check_context_length
+from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.loading import load_stage_data, stream_records
+from medgpt.data.processors import document_ids, pack_documents
+from medgpt.data.readers import resolve_many
+from medgpt.data.templates import ChatFormat
+from medgpt.models.load import load_model_config, load_tokenizer
+from medgpt.stages import Stage, register
+from medgpt.training.recipe import CausalLMJob, add_new_tokens, datasets_sources, prepare_model, train_causal_lm
+
+
+class StreamingBlocks(torch.utils.data.IterableDataset):
+    """Packed blocks produced lazily from a stream of documents: the corpus is never held in memory."""
+
+    def __init__(self, config: RunConfig, tokenizer, block_size: int):
+        self.config, self.tokenizer, self.block_size = config, tokenizer, block_size
+
+    def __iter__(self):
+        records = stream_records(self.config.data, ("text",))
+        return pack_documents(document_ids(records, self.tokenizer), self.block_size)
+
+
+def blocks(records, tokenizer, block_size: int):
+    features = list(pack_documents(document_ids(records, tokenizer), block_size))
+    return features, {"documents": len(records), "blocks": len(features),
+                      "tokens": sum(len(f["input_ids"]) for f in features)}
+
+
+def run(config: RunConfig) -> dict:
+    d = config.data
+    data = None if d.streaming else load_stage_data(d, ("text",), config.training.seed)  # validate first
+    tokenizer = load_tokenizer(config.model)
+    add_new_tokens(tokenizer, config.model.new_tokens_file)
+    model_config = load_model_config(config.model)
+    d.block_size = d.block_size or min(1024, model_config.max_position_embeddings)
+    check_context_length(config, model_config, d.block_size)
+    chat = ChatFormat(tokenizer, config.run.template) if config.run.template or tokenizer.chat_template else None
+    stats = {}
+    if d.streaming:
+        train, evaluation = StreamingBlocks(config, tokenizer, d.block_size), None
+    else:
+        key = {"stage": "pt", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
+               "hub": [d.dataset_name, d.dataset_config_name], "block_size": d.block_size,
+               "options": [d.text_separator, d.keep_linebreaks, d.validation_split_percentage,
+                           d.validation_file_dir, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
+                           config.training.seed], **tokenizer_fingerprint(tokenizer, "")}
+        train, info = cached_features({**key, "split": "train"}, lambda: blocks(data.train, tokenizer, d.block_size),
+                                      d.overwrite_cache)
+        evaluation = None
+        if data.eval:
+            evaluation, _ = cached_features({**key, "split": "eval"}, lambda: blocks(data.eval, tokenizer, d.block_size),
+                                            d.overwrite_cache)
+        stats = {"train_" + k: v for k, v in info.items()}
+        if not len(train):
+            raise ConfigError("the training text produced no tokens")
+    chunk = config.extra(CausalLMArguments).loss_chunk_size
+    model = prepare_model(config, tokenizer, d.block_size, chunk)
+    job = CausalLMJob(config, tokenizer, chat, train, evaluation, packing=True, loss_chunk_size=chunk,
+                      data_sources=datasets_sources(config), stats=stats)
+    return train_causal_lm(job, model)
+
+
+register(Stage(
+    name="pt",
+    summary="continued pretraining on domain text (packed by document)",
+    run=run,
+    training_class=TrainingArguments,
+    extra_classes=(CausalLMArguments,),
+    data_kind="text",
+))

@@ -1,0 +1,99 @@
+"""Stage 2, supervised fine-tuning (SFT): learn to answer, on assistant turns only, padding-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from medgpt.arguments import CausalLMArguments
+from medgpt.config import ConfigError, RunConfig, check_context_length
+from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.loading import load_stage_data
+from medgpt.data.processors import SFTStats, encode_sft
+from medgpt.data.readers import resolve_many
+from medgpt.data.templates import ChatFormat
+from medgpt.models.load import load_model_config, load_tokenizer
+from medgpt.stages import Stage, register
+from medgpt.training.recipe import CausalLMJob, add_new_tokens, datasets_sources, prepare_model, train_causal_lm
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": " ".join(text.split())}, **kwargs)
+
+
+@dataclass
+class SFTArguments:
+    """Options of supervised fine-tuning."""
+
+    max_length: int = _help(
+        """Longest training sample in tokens. Longer conversations are cut after the last assistant reply that
+        fits (its end-of-turn kept); a first reply that does not fit is cut without a fake end-of-turn; samples
+        whose prompt alone is longer are dropped and counted. Memory grows with it.""",
+        default=1024,
+    )
+    packing: bool = _help(
+        """Padding-free batches: the samples of a batch are concatenated into one row with per-sample position
+        ids, so no compute is spent on padding and samples never attend to each other. false pads each batch
+        to its longest sample (use it for kernels that cannot take packed rows).""",
+        default=True,
+    )
+    sample_prompts: int = _help(
+        """After training, answer this many held-out prompts (validation split, else training data) with the
+        trained model and write them to samples.jsonl next to the model. 0 = off; generation is slow on CPU.""",
+        default=0,
+    )
+
+
+def sft_features(chat: ChatFormat, records, max_length: int, train_on_prompt: bool):
+    stats = SFTStats()
+    features = [f for r in records if (f := encode_sft(chat, r, max_length, train_on_prompt, stats)) is not None]
+    info = dict(stats.counts)
+    info["tokens"] = sum(len(f["input_ids"]) for f in features)
+    info["trained_tokens"] = sum(sum(label != -100 for label in f["labels"]) for f in features)
+    return features, info
+
+
+def run(config: RunConfig) -> dict:
+    d, sft = config.data, config.extra(SFTArguments)
+    if d.streaming:
+        raise ConfigError("SFT data is read in full (conversation files are small); streaming is for PT corpora")
+    data = load_stage_data(d, ("conversation",), config.training.seed)  # validated before any model loads
+    tokenizer = load_tokenizer(config.model)
+    add_new_tokens(tokenizer, config.model.new_tokens_file)
+    check_context_length(config, load_model_config(config.model), sft.max_length)
+    chat = ChatFormat(tokenizer, config.run.template)
+    key = {"stage": "sft", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
+           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
+           "hub": [d.dataset_name, d.dataset_config_name], "max_length": sft.max_length,
+           "train_on_prompt": config.run.train_on_prompt,
+           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
+                       d.data_format, config.training.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
+    train, info = cached_features({**key, "split": "train"},
+                                  lambda: sft_features(chat, data.train, sft.max_length, config.run.train_on_prompt),
+                                  d.overwrite_cache)
+    if not len(train):
+        raise ConfigError(f"no SFT sample fits max_length={sft.max_length} ({info}): raise max_length")
+    evaluation = None
+    if data.eval:
+        evaluation, _ = cached_features({**key, "split": "eval"},
+                                        lambda: sft_features(chat, data.eval, sft.max_length, config.run.train_on_prompt),
+                                        d.overwrite_cache)
+    chunk = config.extra(CausalLMArguments).loss_chunk_size
+    model = prepare_model(config, tokenizer, sft.max_length, chunk)
+    prompts = [r.messages[: max(i for i, m in enumerate(r.messages) if m.role == "assistant" and i > 0)]
+               for r in (data.eval or data.train)[: sft.sample_prompts]]
+    job = CausalLMJob(config, tokenizer, chat, train, evaluation, packing=sft.packing, loss_chunk_size=chunk,
+                      data_sources=datasets_sources(config), stats={"sft_" + k: v for k, v in info.items()},
+                      sample_prompts=prompts)
+    return train_causal_lm(job, model)
+
+
+register(Stage(
+    name="sft",
+    summary="supervised fine-tuning on conversations (assistant-only loss, padding-free packing)",
+    run=run,
+    training_class=TrainingArguments,
+    extra_classes=(SFTArguments, CausalLMArguments),
+    data_kind="conversation",
+))

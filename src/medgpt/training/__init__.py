@@ -1,0 +1,1 @@
+"""Shared training machinery for the stages: loss, trainer, checkpoints, the causal-LM recipe."""

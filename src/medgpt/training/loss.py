@@ -1,0 +1,50 @@
+"""Causal-LM loss that never materialises the full logits: only labelled positions, a chunk at a time.
+
+The stock path computes `(B, T, vocab)` fp32 logits for every position, padding and prompt included (4 x 512 x
+49,152 x 4 bytes = 400 MB a copy on the embedded model, several copies alive in the backward). Here the
+hidden states of the positions that have a label are gathered first, then projected through the LM head in
+chunks; each chunk is recomputed in the backward pass (activation checkpointing), so peak memory holds one
+chunk of logits instead of all of them. The value equals the plain loss (a test pins it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from medgpt.data.processors import IGNORE
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()  # (n, V) for this chunk only
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
+                    chunk_size: int = 1024, softcap: float | None = None,
+                    num_items: int | torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labelled positions. Returns (loss, number of labelled tokens).
+
+    hidden_states: (B, T, H) final hidden states; labels: (B, T) with IGNORE where no loss is taken.
+    `num_items` divides the summed loss instead of this batch's count (gradient accumulation across
+    micro-batches must average over all of them, not average the averages).
+    """
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    keep = targets != IGNORE
+    selected = hidden_states[:, :-1][keep]  # (n, H): only positions that are trained on
+    targets = targets[keep]
+    count = int(targets.numel())
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_size):
+        piece = (selected[start:start + chunk_size], targets[start:start + chunk_size])
+        if torch.is_grad_enabled() and selected.requires_grad:
+            total = total + checkpoint(_chunk_loss, *piece, head, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(*piece, head, softcap)
+    denominator = num_items if num_items is not None else max(count, 1)
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator, count

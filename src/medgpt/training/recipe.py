@@ -1,0 +1,174 @@
+"""The causal-LM recipe PT and SFT share: model with adapters -> Trainer -> train (or resume) -> save.
+
+Output directory after a run: the model or adapter, tokenizer, chat template, `run_config.yaml`,
+`metrics.jsonl`, `loss.png`, `README.md` (model card) and, written last, `train_results.json` — a directory
+with that file is complete. The final save is staged in a temporary directory and moved in by renames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgpt.config import RunConfig, write_run_config
+from medgpt.data.collators import PaddedCollator, PaddingFreeCollator
+from medgpt.data.templates import ChatFormat
+from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, split_names
+from medgpt.models.load import load_model
+from medgpt.outputs import prepare_output_dir, write_model_card
+from medgpt.report import METRICS_FILE, MetricsWriter, plot_losses
+from medgpt.serve.engine import save_template_name
+from medgpt.training.checkpoints import MarkCompleteCheckpoints, resolve_resume
+from medgpt.training.trainer import CausalLMTrainer, use_chunked_loss
+
+logger = logging.getLogger(__name__)
+RESULTS_FILE = "train_results.json"
+
+
+@dataclass
+class CausalLMJob:
+    """What a causal-LM stage hands the recipe: its config, tokenizer, template and features."""
+
+    config: RunConfig
+    tokenizer: Any
+    chat_format: ChatFormat | None
+    train: Any  # datasets.Dataset or an IterableDataset of features
+    eval: Any = None
+    packing: bool = True
+    loss_chunk_size: int = 1024
+    data_sources: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)  # written into train_results.json
+    sample_prompts: list = field(default_factory=list)  # conversations answered into samples.jsonl at the end
+
+
+def add_new_tokens(tokenizer, new_tokens_file: str | None) -> int:
+    """Add the tokens listed one per line in `new_tokens_file` to the tokenizer (before tokenising data)."""
+    if not new_tokens_file:
+        return 0
+    tokens = [t.strip() for t in Path(new_tokens_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+    added = tokenizer.add_tokens(tokens)
+    logger.info("%s: %d of %d tokens are new; vocabulary now %d", new_tokens_file, added, len(tokens), len(tokenizer))
+    return added
+
+
+def resize_for_tokenizer(model, tokenizer) -> bool:
+    """Grow the embeddings (mean-initialised rows) when the tokenizer outgrew them; never otherwise.
+
+    Models often carry spare rows (Qwen: 151,936 rows for 151,665 tokens); resizing those would be a needless
+    change of shape, and resizing at all is what broke MedicalGPT's merge when nothing was added.
+    """
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return True
+
+
+def prepare_model(config: RunConfig, tokenizer, context_length: int | None, loss_chunk_size: int):
+    """Load, extend the vocabulary, route the loss through the chunked path, attach LoRA or freeze layers."""
+    model = load_model(config.model, tokenizer, context_length=context_length)
+    vocabulary_changed = resize_for_tokenizer(model, tokenizer)
+    use_chunked_loss(model, loss_chunk_size)
+    if config.adapter.use_peft:
+        extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
+        model = attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
+    else:
+        freeze_layers(model, config.adapter.freeze_trainable_layers)
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def method_name(config: RunConfig) -> str:
+    a = config.adapter
+    if not a.use_peft:
+        return f"full (top {a.freeze_trainable_layers} layers)" if a.freeze_trainable_layers else "full"
+    kind = "QLoRA" if config.model.load_in_4bit else ("LoRA on 8-bit" if config.model.load_in_8bit else "LoRA")
+    extras = [x for x, on in (("DoRA", a.use_dora), ("rsLoRA", a.use_rslora)) if on]
+    return f"{kind} r={a.lora_rank} alpha={a.lora_alpha:g} targets={a.target_modules}" + "".join(f", {x}" for x in extras)
+
+
+def train_causal_lm(job: CausalLMJob, model) -> dict[str, Any]:
+    config, args = job.config, job.config.training
+    output = Path(args.output_dir)
+    resume = resolve_resume(output, args.resume_from_checkpoint)
+    if args.process_index == 0:  # other ranks would see rank 0's files and refuse the directory
+        prepare_output_dir(output, config.run.overwrite_output_dir, resuming=resume is not None)
+        if resume is None:
+            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        write_run_config(config, output)
+    # Our forward computes the loss and no logits; positions and labels are our own columns.
+    neftune, args.neftune_noise_alpha = args.neftune_noise_alpha, None
+    args.remove_unused_columns = False
+    args.prediction_loss_only = True
+    collator = PaddingFreeCollator() if job.packing else PaddedCollator(job.tokenizer.pad_token_id)
+    trainer = CausalLMTrainer(
+        model=model, args=args, train_dataset=job.train, eval_dataset=job.eval, data_collator=collator,
+        processing_class=job.tokenizer, callbacks=[MetricsWriter(output / METRICS_FILE), MarkCompleteCheckpoints()],
+        neftune_alpha=neftune,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {k: v for k, v in result.metrics.items()}
+    if job.eval is not None and len(job.eval) > 0:
+        evaluation = trainer.evaluate()
+        metrics.update(evaluation)
+        metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50))
+    metrics.update(world_size=args.world_size, global_step=trainer.state.global_step, **job.stats)
+    save_final(trainer, job, metrics)
+    return metrics
+
+
+def save_final(trainer, job: CausalLMJob, metrics: dict[str, Any]) -> None:
+    """Stage the final model in a temporary directory, move it in, write train_results.json last."""
+    output = Path(job.config.training.output_dir)
+    staging = output / ".final-tmp"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank calls it: DeepSpeed/FSDP gather weights here
+    if trainer.is_world_process_zero():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_config.yaml says it all
+        job.tokenizer.save_pretrained(staging)
+        if job.chat_format is not None:
+            job.chat_format.save(staging)
+            save_template_name(staging, job.config.run.template)
+        config = job.config
+        if job.sample_prompts and job.chat_format is not None:
+            write_samples(trainer.model, job, staging / "samples.jsonl")
+        write_model_card(staging, title=output.resolve().name, base_model=config.model.model_name_or_path, stages=[config.stage],
+                         data=job.data_sources, method=method_name(config), template=config.run.template or "",
+                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "loss" in k
+                                  or k == "eval_perplexity"})
+        for item in staging.iterdir():
+            target = output / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+        plot_losses(output / METRICS_FILE, output / "loss.png", f"{config.stage}: loss")
+        (output / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+        logger.info("saved %s to %s", "adapter" if config.adapter.use_peft else "model", output)
+    trainer.accelerator.wait_for_everyone()
+
+
+def write_samples(model, job: CausalLMJob, path: Path) -> None:
+    """Answer a few held-out prompts with the freshly trained model (greedy), for a first look."""
+    from medgpt.serve.engine import GenerationEngine, SamplingParams
+
+    engine = GenerationEngine(model, job.tokenizer, job.chat_format)
+    completions = engine.generate(job.sample_prompts, SamplingParams(max_new_tokens=128, temperature=0))
+    with path.open("w", encoding="utf-8") as handle:
+        for messages, completion in zip(job.sample_prompts, completions):
+            handle.write(json.dumps({"prompt": messages[-1].content, "answer": completion.text,
+                                     "finish_reason": completion.finish_reason}, ensure_ascii=False) + "\n")
+    model.train()
+
+
+def datasets_sources(config: RunConfig) -> list[str]:
+    d = config.data
+    return [s for s in [*split_names(d.train_file_dir), d.dataset_name] if s]
