@@ -199,3 +199,9 @@ def test_stage_help_is_the_parameter_manual(capsys):
     assert "torch_dtype (default: auto)" in out and "Ampere" in out
     assert "load_in_4bit" in out and "learning_rate" in out and "max_length (default: 1024)" in out
     assert "template_name -> template" in out
+
+
+def test_none_stays_a_string_where_strings_are_valid():
+    config = build_config(SFT, {**BASE, "report_to": "none", "max_steps": 3})
+    assert config.training.report_to in ("none", [], ["none"])
+    assert build_config(SFT, {**BASE, "max_train_samples": "none"}).data.max_train_samples is None

@@ -29,6 +29,7 @@ ALIASES = {
     "model_max_length": "max_length",
     "train_on_inputs": "train_on_prompt",
     "neft_alpha": "neftune_noise_alpha",
+    "warmup_ratio": "warmup_steps",  # transformers 5 folded the ratio into warmup_steps (a float < 1)
 }
 OWN_SECTIONS = (ModelArguments, DataArguments, AdapterArguments, RunArguments)
 # Upstream names that transformers/TRL deprecated: ours reach the trainer under the new name, and the
@@ -145,16 +146,8 @@ def build_config(stage, values: dict[str, Any]) -> RunConfig:
     values.setdefault("stage", stage.name)
     if values["stage"] != stage.name:
         raise ConfigError(f"the config says stage '{values['stage']}' but the command runs '{stage.name}'")
+    check_names(stage, values)
     classes = [*OWN_SECTIONS, *stage.extra_classes, stage.training_class]
-    known = {f.name: cls for cls in classes for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, list(known) + list(ALIASES), n=3, cutoff=0.6)
-            lines.append(f"  {key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
-        raise ConfigError(f"unknown option(s) for stage '{stage.name}':\n" + "\n".join(lines)
-                          + f"\nSee `medgpt {stage.name} --help` for every option.")
     given = dict(values)
     values = _precision_defaults(stage.training_class, values)
     built = {cls: _instantiate(cls, values) for cls in OWN_SECTIONS + stage.extra_classes}
@@ -171,6 +164,20 @@ def build_config(stage, values: dict[str, Any]) -> RunConfig:
     )
     validate(config)
     return config
+
+
+def check_names(stage, values: dict[str, Any]) -> None:
+    """Unknown option names are errors that list the closest valid ones."""
+    known = [f.name for cls in (*OWN_SECTIONS, *stage.extra_classes, stage.training_class)
+             for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(normalise_keys(values)) - set(known))
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known + list(ALIASES), n=3, cutoff=0.6)
+            lines.append(f"  {key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"unknown option(s) for stage '{stage.name}':\n" + "\n".join(lines)
+                          + f"\nSee `medgpt {stage.name} --help` for every option.")
 
 
 def load_config(stage, config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -234,7 +241,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        # "none" means None only where a string is not a valid value (report_to: none is a string)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and str not in args):
             return None
         for arg in args:
             if arg is not str:
