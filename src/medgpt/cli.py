@@ -180,6 +180,16 @@ def add_tool_commands(commands) -> None:
 # ------------------------------------------------------------------------------------------ entry
 
 
+def quiet_third_party_noise() -> None:
+    """Hide import-time chatter that says nothing about the user's run."""
+    import warnings
+
+    # bitsandbytes announces an optional CPU kernel package at import; 4-bit works without it
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft still calls transformers' renamed `is_gradient_checkpointing`
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medgpt.stages import load_stages
 
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     from medgpt.data.records import InvalidDataError
 
     argv = sys.argv[1:] if argv is None else argv
+    quiet_third_party_noise()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
