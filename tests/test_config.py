@@ -205,3 +205,10 @@ def test_none_stays_a_string_where_strings_are_valid():
     config = build_config(SFT, {**BASE, "report_to": "none", "max_steps": 3})
     assert config.training.report_to in ("none", [], ["none"])
     assert build_config(SFT, {**BASE, "max_train_samples": "none"}).data.max_train_samples is None
+
+
+def test_none_unsets_optional_options_and_removed_upstream_names_get_a_hint():
+    config = build_config(SFT, {**BASE, "peft_path": "None", "template": "none"})
+    assert config.adapter.peft_path is None and config.run.template is None
+    with pytest.raises(ConfigError, match="TENSORBOARD_LOGGING_DIR"):
+        build_config(SFT, {**BASE, "logging_dir": "runs"})

@@ -39,6 +39,11 @@ UPSTREAM_RENAMES = {
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
 UPSTREAM_DEPRECATED = {*UPSTREAM_RENAMES, "pad_token"}
+# Options MedicalGPT configs still carry that transformers 5 removed, with what to do instead.
+REMOVED_UPSTREAM = {
+    "logging_dir": "removed in transformers 5: set the TENSORBOARD_LOGGING_DIR environment variable",
+    "evaluation_strategy": "renamed eval_strategy",
+}
 
 
 class ConfigError(ValueError):
@@ -175,7 +180,8 @@ def check_names(stage, values: dict[str, Any]) -> None:
         lines = []
         for key in unknown:
             close = difflib.get_close_matches(key, known + list(ALIASES), n=3, cutoff=0.6)
-            lines.append(f"  {key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+            hint = REMOVED_UPSTREAM.get(key) or (f"did you mean: {', '.join(close)}?" if close else "")
+            lines.append(f"  {key}" + (f" ({hint})" if hint else ""))
         raise ConfigError(f"unknown option(s) for stage '{stage.name}':\n" + "\n".join(lines)
                           + f"\nSee `medgpt {stage.name} --help` for every option.")
 
@@ -222,7 +228,11 @@ def _instantiate(cls: type, values: dict[str, Any]):
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.init and f.name in values:
-            kwargs[f.name] = coerce(values[f.name], hints.get(f.name, f.type), f.name)
+            value = values[f.name]
+            # "none"/"null" unset an option, except where a string default means "none" is a value (report_to)
+            if isinstance(value, str) and value.lower() in ("none", "null") and not isinstance(f.default, str):
+                value = None
+            kwargs[f.name] = coerce(value, hints.get(f.name, f.type), f.name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -241,8 +251,7 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):
-        # "none" means None only where a string is not a valid value (report_to: none is a string)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and str not in args):
+        if value is None:
             return None
         for arg in args:
             if arg is not str:

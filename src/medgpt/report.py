@@ -17,6 +17,13 @@ class MetricsWriter(TrainerCallback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resuming from step N: rows logged after N by the interrupted run are replayed now, so drop them.
+        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= state.global_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        return control
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             row = {"step": state.global_step, "epoch": state.epoch, **logs}

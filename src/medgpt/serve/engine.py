@@ -79,6 +79,9 @@ class GenerationEngine:
         if adapter_config.is_file():
             from peft import PeftModel
 
+            from medgpt.models.merge import match_trained_vocabulary
+
+            match_trained_vocabulary(network, tokenizer, Path(path))  # adapters trained with added tokens
             network = PeftModel.from_pretrained(network, path)
         if device_map is None and torch.cuda.is_available() and not (load_in_4bit or load_in_8bit):
             network = network.to("cuda")

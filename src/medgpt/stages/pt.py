@@ -14,7 +14,14 @@ from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
-from medgpt.training.recipe import CausalLMJob, add_new_tokens, datasets_sources, prepare_model, train_causal_lm
+from medgpt.training.recipe import (
+    CausalLMJob,
+    add_new_tokens,
+    begin_run,
+    datasets_sources,
+    prepare_model,
+    train_causal_lm,
+)
 
 
 class StreamingBlocks(torch.utils.data.IterableDataset):
@@ -37,6 +44,7 @@ def blocks(records, tokenizer, block_size: int):
 def run(config: RunConfig) -> dict:
     d = config.data
     data = None if d.streaming else load_stage_data(d, ("text",), config.training.seed)  # validate first
+    resume = begin_run(config)
     tokenizer = load_tokenizer(config.model)
     add_new_tokens(tokenizer, config.model.new_tokens_file)
     model_config = load_model_config(config.model)
@@ -65,7 +73,7 @@ def run(config: RunConfig) -> dict:
     model = prepare_model(config, tokenizer, d.block_size, chunk)
     job = CausalLMJob(config, tokenizer, chat, train, evaluation, packing=True, loss_chunk_size=chunk,
                       data_sources=datasets_sources(config), stats=stats)
-    return train_causal_lm(job, model)
+    return train_causal_lm(job, model, resume)
 
 
 register(Stage(

@@ -15,7 +15,14 @@ from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
-from medgpt.training.recipe import CausalLMJob, add_new_tokens, datasets_sources, prepare_model, train_causal_lm
+from medgpt.training.recipe import (
+    CausalLMJob,
+    add_new_tokens,
+    begin_run,
+    datasets_sources,
+    prepare_model,
+    train_causal_lm,
+)
 
 
 def _help(text: str, **kwargs):
@@ -59,6 +66,7 @@ def run(config: RunConfig) -> dict:
     if d.streaming:
         raise ConfigError("SFT data is read in full (conversation files are small); streaming is for PT corpora")
     data = load_stage_data(d, ("conversation",), config.training.seed)  # validated before any model loads
+    resume = begin_run(config)
     tokenizer = load_tokenizer(config.model)
     add_new_tokens(tokenizer, config.model.new_tokens_file)
     check_context_length(config, load_model_config(config.model), sft.max_length)
@@ -86,7 +94,7 @@ def run(config: RunConfig) -> dict:
     job = CausalLMJob(config, tokenizer, chat, train, evaluation, packing=sft.packing, loss_chunk_size=chunk,
                       data_sources=datasets_sources(config), stats={"sft_" + k: v for k, v in info.items()},
                       sample_prompts=prompts)
-    return train_causal_lm(job, model)
+    return train_causal_lm(job, model, resume)
 
 
 register(Stage(

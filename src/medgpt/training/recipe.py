@@ -71,6 +71,9 @@ def resize_for_tokenizer(model, tokenizer) -> bool:
 
 def prepare_model(config: RunConfig, tokenizer, context_length: int | None, loss_chunk_size: int):
     """Load, extend the vocabulary, route the loss through the chunked path, attach LoRA or freeze layers."""
+    from transformers import set_seed
+
+    set_seed(config.training.seed)  # the adapter's and new embeddings' initialisation follow `seed` too
     model = load_model(config.model, tokenizer, context_length=context_length)
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
     use_chunked_loss(model, loss_chunk_size)
@@ -93,12 +96,19 @@ def method_name(config: RunConfig) -> str:
     return f"{kind} r={a.lora_rank} alpha={a.lora_alpha:g} targets={a.target_modules}" + "".join(f", {x}" for x in extras)
 
 
-def train_causal_lm(job: CausalLMJob, model) -> dict[str, Any]:
+def begin_run(config: RunConfig) -> str | None:
+    """Before any heavy work: find the checkpoint to resume from and check the output directory may be used."""
+    args = config.training
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.process_index == 0:  # other ranks would see rank 0's files and refuse the directory
+        prepare_output_dir(args.output_dir, config.run.overwrite_output_dir, resuming=resume is not None)
+    return resume
+
+
+def train_causal_lm(job: CausalLMJob, model, resume: str | None) -> dict[str, Any]:
     config, args = job.config, job.config.training
     output = Path(args.output_dir)
-    resume = resolve_resume(output, args.resume_from_checkpoint)
-    if args.process_index == 0:  # other ranks would see rank 0's files and refuse the directory
-        prepare_output_dir(output, config.run.overwrite_output_dir, resuming=resume is not None)
+    if args.process_index == 0:
         if resume is None:
             (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
         write_run_config(config, output)
