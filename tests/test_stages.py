@@ -61,8 +61,7 @@ def write_text(path: Path, lines=TEXT) -> Path:
 
 
 def run_stage(stage: str, options: dict, torch_seed: int | None = 0) -> dict:
-    """Build and run a stage. `torch_seed` pins the ambient RNG the adapter is initialised from (see
-    test_seed_alone_fixes_the_adapter_initialisation: the run's own `seed` does not)."""
+    """Build and run a stage; `torch_seed` scrambles the ambient RNG (the run's own `seed` must win)."""
     if torch_seed is not None:
         torch.manual_seed(torch_seed)
     spec = get_stage(stage)
@@ -657,3 +656,11 @@ def test_new_tokens_that_already_exist_do_not_resize(pt_options, tokenizer, tmp_
     assert not resized
     assert all("lora_" in k for k in weights(out / "adapter_model.safetensors"))
     assert not json.loads((out / "adapter_config.json").read_text()).get("modules_to_save")
+
+
+def test_sample_prompts_writes_answers_from_the_trained_model(tmp_path, sft_options):
+    run_stage("sft", {**sft_options, "sample_prompts": 2, "validation_split_percentage": 25})
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(row["prompt"] and isinstance(row["answer"], str) for row in rows)
+    assert {row["finish_reason"] for row in rows} <= {"stop", "length"}
