@@ -15,7 +15,7 @@ from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
-    CausalLMJob,
+    TrainingJob,
     add_new_tokens,
     begin_run,
     datasets_sources,
@@ -71,7 +71,7 @@ def run(config: RunConfig) -> dict:
             raise ConfigError("the training text produced no tokens")
     chunk = config.extra(CausalLMArguments).loss_chunk_size
     model = prepare_model(config, tokenizer, d.block_size, chunk)
-    job = CausalLMJob(config, tokenizer, chat, train, evaluation, packing=True, loss_chunk_size=chunk,
+    job = TrainingJob(config, tokenizer, chat, train, evaluation, packing=True, loss_chunk_size=chunk,
                       data_sources=datasets_sources(config), stats=stats)
     return train_causal_lm(job, model, resume)
 

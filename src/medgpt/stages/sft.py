@@ -16,7 +16,7 @@ from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
-    CausalLMJob,
+    TrainingJob,
     add_new_tokens,
     begin_run,
     datasets_sources,
@@ -91,7 +91,7 @@ def run(config: RunConfig) -> dict:
     model = prepare_model(config, tokenizer, sft.max_length, chunk)
     prompts = [r.messages[: max(i for i, m in enumerate(r.messages) if m.role == "assistant" and i > 0)]
                for r in (data.eval or data.train)[: sft.sample_prompts]]
-    job = CausalLMJob(config, tokenizer, chat, train, evaluation, packing=sft.packing, loss_chunk_size=chunk,
+    job = TrainingJob(config, tokenizer, chat, train, evaluation, packing=sft.packing, loss_chunk_size=chunk,
                       data_sources=datasets_sources(config), stats={"sft_" + k: v for k, v in info.items()},
                       sample_prompts=prompts)
     return train_causal_lm(job, model, resume)

@@ -1,4 +1,6 @@
-"""The causal-LM recipe PT and SFT share: model with adapters -> Trainer -> train (or resume) -> save.
+"""The training recipe stages share: check the output directory, train (or resume) a Trainer, save the
+final outputs. `train_causal_lm` is the causal-LM (PT, SFT) instance; other Trainer-based stages reuse
+`begin_run`, `standard_callbacks` and `save_final`.
 
 Output directory after a run: the model or adapter, tokenizer, chat template, `run_config.yaml`,
 `metrics.jsonl`, `loss.png`, `README.md` (model card) and, written last, `train_results.json` — a directory
@@ -22,7 +24,7 @@ from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, split_names
 from medgpt.models.load import load_model
 from medgpt.outputs import prepare_output_dir, write_model_card
-from medgpt.report import METRICS_FILE, MetricsWriter, plot_losses
+from medgpt.report import METRICS_FILE, MetricsWriter, plot_losses, plot_series, read_metrics
 from medgpt.serve.engine import save_template_name
 from medgpt.training.checkpoints import MarkCompleteCheckpoints, resolve_resume
 from medgpt.training.trainer import CausalLMTrainer, use_chunked_loss
@@ -32,8 +34,8 @@ RESULTS_FILE = "train_results.json"
 
 
 @dataclass
-class CausalLMJob:
-    """What a causal-LM stage hands the recipe: its config, tokenizer, template and features."""
+class TrainingJob:
+    """What a stage hands the recipe: its config, tokenizer, template and features."""
 
     config: RunConfig
     tokenizer: Any
@@ -105,7 +107,7 @@ def begin_run(config: RunConfig) -> str | None:
     return resume
 
 
-def train_causal_lm(job: CausalLMJob, model, resume: str | None) -> dict[str, Any]:
+def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, Any]:
     config, args = job.config, job.config.training
     output = Path(args.output_dir)
     if args.process_index == 0:
@@ -119,8 +121,7 @@ def train_causal_lm(job: CausalLMJob, model, resume: str | None) -> dict[str, An
     collator = PaddingFreeCollator() if job.packing else PaddedCollator(job.tokenizer.pad_token_id)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=job.train, eval_dataset=job.eval, data_collator=collator,
-        processing_class=job.tokenizer, callbacks=[MetricsWriter(output / METRICS_FILE), MarkCompleteCheckpoints()],
-        neftune_alpha=neftune,
+        processing_class=job.tokenizer, callbacks=standard_callbacks(output), neftune_alpha=neftune,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = {k: v for k, v in result.metrics.items()}
@@ -133,7 +134,12 @@ def train_causal_lm(job: CausalLMJob, model, resume: str | None) -> dict[str, An
     return metrics
 
 
-def save_final(trainer, job: CausalLMJob, metrics: dict[str, Any]) -> None:
+def standard_callbacks(output_dir: str | Path) -> list:
+    """metrics.jsonl for every logged step, and completion markers on checkpoints."""
+    return [MetricsWriter(Path(output_dir) / METRICS_FILE), MarkCompleteCheckpoints()]
+
+
+def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple = ()) -> None:
     """Stage the final model in a temporary directory, move it in, write train_results.json last."""
     output = Path(job.config.training.output_dir)
     staging = output / ".final-tmp"
@@ -161,12 +167,14 @@ def save_final(trainer, job: CausalLMJob, metrics: dict[str, Any]) -> None:
             os.replace(item, target)
         staging.rmdir()
         plot_losses(output / METRICS_FILE, output / "loss.png", f"{config.stage}: loss")
+        for keys, name, title in plots:  # stage-specific pictures, e.g. rewards or KL
+            plot_series(read_metrics(output / METRICS_FILE), list(keys), output / name, f"{config.stage}: {title}")
         (output / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
         logger.info("saved %s to %s", "adapter" if config.adapter.use_peft else "model", output)
     trainer.accelerator.wait_for_everyone()
 
 
-def write_samples(model, job: CausalLMJob, path: Path) -> None:
+def write_samples(model, job: TrainingJob, path: Path) -> None:
     """Answer a few held-out prompts with the freshly trained model (greedy), for a first look."""
     from medgpt.serve.engine import GenerationEngine, SamplingParams
 
