@@ -138,6 +138,43 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    import json
+
+    from medgpt.data.readers import ReadOptions, read_records
+    from medgpt.data.records import PreferencePair
+    from medgpt.models.reward import RewardModelScorer
+
+    records = read_records(args.data, ("preference", "conversation"), ReadOptions(args.format)).records  # validate first
+    try:
+        scorer = RewardModelScorer.load(args.reward_model, template=args.template, torch_dtype=args.dtype,
+                                        trust_remote_code=args.trust_remote_code, batch_size=args.batch_size,
+                                        max_length=args.max_length)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pairs = [r for r in records if isinstance(r, PreferencePair)]
+    conversations = [r for r in records if not isinstance(r, PreferencePair)]
+    chosen, rejected = scorer.score_pairs(pairs) if pairs else ([], [])
+    rewards = scorer.score([c.messages for c in conversations], [c.tools for c in conversations]) if conversations else []
+    rows = [{"source": str(p.source), "chosen": c, "rejected": r, "chosen_wins": c > r}
+            for p, c, r in zip(pairs, chosen, rejected)]
+    rows += [{"source": str(c.source), "reward": value} for c, value in zip(conversations, rewards)]
+    for row in rows:
+        if "reward" in row:
+            print(f"{row['source']}  reward {row['reward']:+.4f}")
+        else:
+            verdict = "chosen wins" if row["chosen_wins"] else "rejected wins"
+            print(f"{row['source']}  chosen {row['chosen']:+.4f}  rejected {row['rejected']:+.4f}  {verdict}")
+    if pairs:
+        wins = sum(row.get("chosen_wins", False) for row in rows)
+        print(f"accuracy: {wins / len(pairs):.4f} ({wins}/{len(pairs)} pairs ranked chosen above rejected)")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return 0
+
+
 def add_tool_commands(commands) -> None:
     check = commands.add_parser("data", help="inspect training data").add_subparsers(dest="data_command", required=True)
     p = check.add_parser("check", help="validate data files: format, counts, every error as file:line: field: problem")
@@ -175,6 +212,20 @@ def add_tool_commands(commands) -> None:
     p.add_argument("--base", help="base model to merge into (default: the adapter's base_model_name_or_path)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
     p.set_defaults(func=cmd_merge)
+
+    p = commands.add_parser("score", help="score preference pairs or conversations with a reward model")
+    p.add_argument("--reward-model", required=True, help="reward model dir (`medgpt rm` output: adapter or merged)")
+    p.add_argument("--data", required=True,
+                   help="preference file(s) (prints chosen/rejected rewards and accuracy) or conversation file(s) "
+                        "(one reward each): a file, folder or glob")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass; lower it if memory runs out")
+    p.add_argument("--max-length", type=int, help="keep at most this many tokens per sequence (its end, the reply)")
+    p.add_argument("--output", help="also write one JSON line of rewards per record to this file")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="force a data format instead of detecting it")
+    p.add_argument("--template", help="named chat template (default: the one saved with the reward model)")
+    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
+    p.set_defaults(func=cmd_score)
 
 
 # ------------------------------------------------------------------------------------------ entry

@@ -156,7 +156,7 @@ def build_config(stage, values: dict[str, Any]) -> RunConfig:
     given = dict(values)
     values = _precision_defaults(stage.training_class, values)
     built = {cls: _instantiate(cls, values) for cls in OWN_SECTIONS + stage.extra_classes}
-    built[stage.training_class] = _instantiate(stage.training_class, _upstream_names(stage.training_class, values))
+    built[stage.training_class] = _construct(stage.training_class, _training_values(stage, values))
     config = RunConfig(
         stage=stage.name,
         model=built[ModelArguments],
@@ -184,6 +184,18 @@ def check_names(stage, values: dict[str, Any]) -> None:
             lines.append(f"  {key}" + (f" ({hint})" if hint else ""))
         raise ConfigError(f"unknown option(s) for stage '{stage.name}':\n" + "\n".join(lines)
                           + f"\nSee `medgpt {stage.name} --help` for every option.")
+
+
+def training_kwargs(stage, values: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments `build_config` passes to the stage's trainer config class, without building it
+    (building e.g. `TrainingArguments(deepspeed=…)` needs deepspeed installed; this mapping does not)."""
+    values = normalise_keys(values)
+    check_names(stage, values)
+    return _training_values(stage, _precision_defaults(stage.training_class, values))
+
+
+def _training_values(stage, values: dict[str, Any]) -> dict[str, Any]:
+    return section_kwargs(stage.training_class, _upstream_names(stage.training_class, values))
 
 
 def load_config(stage, config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -224,6 +236,11 @@ def _truthy(value: Any) -> bool:
 
 
 def _instantiate(cls: type, values: dict[str, Any]):
+    return _construct(cls, section_kwargs(cls, values))
+
+
+def section_kwargs(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The values of `cls`'s fields among `values`, converted to the annotated types."""
     hints = _type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -233,6 +250,10 @@ def _instantiate(cls: type, values: dict[str, Any]):
             if isinstance(value, str) and value.lower() in ("none", "null") and not isinstance(f.default, str):
                 value = None
             kwargs[f.name] = coerce(value, hints.get(f.name, f.type), f.name)
+    return kwargs
+
+
+def _construct(cls: type, kwargs: dict[str, Any]):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

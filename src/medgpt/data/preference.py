@@ -8,21 +8,18 @@ ids run from the end of the prompt's generation header to its end-of-turn token 
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
+from medgpt.data.processors import TruncationStats
 from medgpt.data.records import KTORecord, Message, PreferencePair
 from medgpt.data.templates import ChatFormat
 
 
-@dataclass
-class PairStats:
-    counts: Counter = field(default_factory=Counter)  # kept, prompt_truncated, reply_truncated, dropped
-
-    def line(self) -> str:
-        c = self.counts
-        return (f"{c['kept']} kept whole, {c['prompt_truncated']} with the prompt cut from the left, "
-                f"{c['reply_truncated']} with a reply cut at the end, {c['dropped']} dropped")
+class PairStats(TruncationStats):
+    DESCRIPTIONS = {
+        "kept": "kept whole",
+        "prompt_truncated": "with the prompt cut from the left",
+        "reply_truncated": "with a reply cut at the end",
+        "dropped": "dropped",
+    }
 
 
 def reply_ids(chat: ChatFormat, prompt: list[Message], reply: list[Message], tools, prompt_ids: list[int]) -> list[int]:

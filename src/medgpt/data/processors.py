@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 from medgpt.data.records import Conversation, TextRecord
 from medgpt.data.templates import ChatFormat
@@ -63,16 +63,23 @@ def _block(ids: list[int], positions: list[int]) -> dict:
 
 
 @dataclass
-class SFTStats:
-    """What truncation did to the data, logged so nothing is lost silently."""
+class TruncationStats:
+    """What truncation did to the data, logged and saved so nothing is lost silently."""
 
-    counts: Counter = field(default_factory=Counter)  # kept, truncated_at_turn, truncated_in_reply, dropped
+    counts: Counter = field(default_factory=Counter)
+    DESCRIPTIONS: ClassVar[dict[str, str]] = {}
 
     def line(self) -> str:
-        c = self.counts
-        return (f"{c['kept']} kept whole, {c['truncated_at_turn']} cut after a complete reply, "
-                f"{c['truncated_in_reply']} cut inside their first reply, {c['dropped']} dropped "
-                "(prompt alone longer than max_length: nothing left to learn)")
+        return ", ".join(f"{self.counts[key]} {text}" for key, text in self.DESCRIPTIONS.items())
+
+
+class SFTStats(TruncationStats):
+    DESCRIPTIONS = {
+        "kept": "kept whole",
+        "truncated_at_turn": "cut after a complete reply",
+        "truncated_in_reply": "cut inside their first reply",
+        "dropped": "dropped (prompt alone longer than max_length: nothing left to learn)",
+    }
 
 
 def encode_sft(chat: ChatFormat, record: Conversation, max_length: int, train_on_prompt: bool = False,

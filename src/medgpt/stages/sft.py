@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -23,6 +24,9 @@ from medgpt.training.recipe import (
     prepare_model,
     train_causal_lm,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 def _help(text: str, **kwargs):
@@ -55,6 +59,7 @@ class SFTArguments:
 def sft_features(chat: ChatFormat, records, max_length: int, train_on_prompt: bool):
     stats = SFTStats()
     features = [f for r in records if (f := encode_sft(chat, r, max_length, train_on_prompt, stats)) is not None]
+    logger.info("SFT samples (max_length %d): %s", max_length, stats.line())
     info = dict(stats.counts)
     info["tokens"] = sum(len(f["input_ids"]) for f in features)
     info["trained_tokens"] = sum(sum(label != -100 for label in f["labels"]) for f in features)

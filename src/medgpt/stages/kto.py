@@ -1,0 +1,259 @@
+"""Stage 3, KTO: align from unpaired thumbs-up / thumbs-down answers (Kahneman-Tversky Optimisation).
+
+Data: `kto` records (`prompt` + `completion` + boolean `label`, true = desirable) and/or preference pairs,
+each pair split into a desirable (chosen) and an undesirable (rejected) example by `pairs_to_kto` — the split
+happens after the validation split, so a pair's two halves stay on one side. Tokenised by our template
+(`encode_kto`: the prompt loses its oldest tokens first, the completion its tail; counts in train_results.json).
+
+Trainer: TRL's `KTOTrainer`, fed our tokenised features; every `KTOConfig` option (beta, desirable_weight,
+undesirable_weight, loss_type, precompute_ref_log_probs, max_length …) is the stage's option.
+
+KL estimate: KTO's reference point is the KL between policy and reference on mismatched (prompt, completion)
+pairs, made by rotating completions by one within each batch, so a batch needs at least two examples and a
+fixed order (TRL samples sequentially). We shuffle the examples once (by `seed`) before tokenising: in file order
+a pair's two halves would sit side by side and be each other's "mismatched" partner, and a file sorted by
+label would give one-label batches.
+
+Reference = the policy as this stage starts:
+- LoRA on a plain (or merged) model: the same model with the adapter disabled (no second copy).
+- LoRA continued from `peft_path`: a frozen copy of that adapter (TRL's "ref" adapter).
+- Full training: a frozen copy of the model (or none with `precompute_ref_log_probs: true`).
+- `model_name_or_path` an unmerged LoRA adapter directory (e.g. the SFT output): its adapter is merged into
+  its base in memory first, so the reference is the SFT policy, not the pre-SFT base. A new LoRA adapter on
+  that merged model would be meaningless next to the bare base, so such a run saves full merged weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+from pathlib import Path
+
+from trl import KTOConfig, KTOTrainer
+
+from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
+from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.loading import load_stage_data
+from medgpt.data.preference import PairStats, encode_kto, pairs_to_kto
+from medgpt.data.readers import resolve_many
+from medgpt.data.records import KTORecord, PreferencePair
+from medgpt.data.templates import ChatFormat
+from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers
+from medgpt.models.load import load_model, load_model_config, load_tokenizer, resolve_model_path
+from medgpt.models.merge import match_trained_vocabulary, read_adapter_config
+from medgpt.report import METRICS_FILE
+from medgpt.stages import Stage, register
+from medgpt.training.recipe import (
+    TrainingJob,
+    add_new_tokens,
+    begin_run,
+    datasets_sources,
+    resize_for_tokenizer,
+    save_final,
+    standard_callbacks,
+)
+
+logger = logging.getLogger(__name__)
+
+DATA_KINDS = ("kto", "preference")
+REWARD_PLOTS = (
+    (("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"), "rewards.png", "implicit rewards and KL"),
+    (("eval_rewards/chosen", "eval_rewards/rejected", "eval_kl"), "eval_rewards.png", "eval rewards and KL"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def kto_examples(records, seed: int) -> tuple[list[KTORecord], int]:
+    """KTO records from a mix of KTO records and preference pairs, in a seeded random order; (examples, pairs)."""
+    pairs = [r for r in records if isinstance(r, PreferencePair)]
+    examples = [r for r in records if isinstance(r, KTORecord)] + pairs_to_kto(pairs)
+    random.Random(seed).shuffle(examples)  # training reads them in this order (see the module docstring)
+    return examples, len(pairs)
+
+
+def kto_features(chat: ChatFormat, records, max_length: int, seed: int):
+    examples, pairs = kto_examples(records, seed)
+    stats = PairStats()
+    features = [f for r in examples if (f := encode_kto(chat, r, max_length, stats)) is not None]
+    info = dict(stats.counts)
+    info.update(from_pairs=pairs, desirable=sum(f["label"] for f in features),
+                undesirable=sum(not f["label"] for f in features))
+    logger.info("KTO examples: %s; %d desirable, %d undesirable (%d from preference pairs)",
+                stats.line(), info["desirable"], info["undesirable"], pairs)
+    return features, info
+
+
+def with_kl_completions(features: dict) -> dict:
+    """Give each example the completion of its batch neighbour: (x_i, y_{i-1}), wrapping within the batch."""
+    completions = features["completion_ids"]
+    features["KL_completion_ids"] = completions[-1:] + completions[:-1]
+    return features
+
+
+class KTOFeaturesTrainer(KTOTrainer):
+    """`KTOTrainer` on our tokenised features (`prompt_ids`, `completion_ids`, `label`).
+
+    TRL 1.16's `_prepare_dataset` always re-derives the prompt from text columns and re-tokenises (it fails on
+    a dataset that has only ids), so this override keeps only the part we need: the KL completions, built on the
+    batches the sequential sampler will form.
+    """
+
+    def _prepare_dataset(self, dataset, processing_class, args: KTOConfig, dataset_name: str):
+        if not self.calculate_KL:
+            return dataset
+        size = args.per_device_train_batch_size if dataset_name == "train" else args.per_device_eval_batch_size
+        return dataset.map(with_kl_completions, batched=True, batch_size=size)
+
+
+def check_kto_options(args: KTOConfig) -> None:
+    """What TRL would refuse only after the model is loaded."""
+    if args.loss_type == "apo_zero_unpaired":
+        return
+    if args.per_device_train_batch_size < 2:
+        raise ConfigError(f"loss_type {args.loss_type} estimates its KL term from mismatched pairs within a batch: "
+                          "per_device_train_batch_size must be at least 2 (4 or more is better)")
+    if args.train_sampling_strategy != "sequential":
+        raise ConfigError(f"loss_type {args.loss_type} pairs each example with its batch neighbour for the KL term: "
+                          "keep train_sampling_strategy: sequential (the data is shuffled once before training)")
+
+
+def weight_advice(info: dict, args: KTOConfig) -> None:
+    """Eq. (8) of the KTO paper: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]."""
+    wanted, unwanted = max(info["desirable"], 1), max(info["undesirable"], 1)
+    ratio = args.desirable_weight * wanted / (args.undesirable_weight * unwanted)
+    if not 1 <= ratio <= 4 / 3:
+        low = unwanted * args.undesirable_weight / wanted
+        logger.warning("%d desirable vs %d undesirable examples: set desirable_weight in [%.2f, %.2f] "
+                       "(weighted ratio now %.2f, the KTO paper recommends 1 to 1.33)",
+                       wanted, unwanted, low, low * 4 / 3, ratio)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def unmerged_adapter(name: str) -> Path | None:
+    """The directory when `name` is a LoRA adapter (adapter_config.json), not a full model."""
+    path = Path(resolve_model_path(name))
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def load_start_model(config: RunConfig, tokenizer, length: int | None):
+    """The policy as the stage starts: the model, or an adapter merged into its base in memory."""
+    adapter = unmerged_adapter(config.model.model_name_or_path)
+    if adapter is None:
+        return load_model(config.model, tokenizer, context_length=length)
+    from peft import PeftModel
+
+    base = read_adapter_config(adapter)["base_model_name_or_path"]
+    model = load_model(dataclasses.replace(config.model, model_name_or_path=base), tokenizer, context_length=length)
+    match_trained_vocabulary(model, tokenizer, adapter)
+    logger.info("merging the adapter %s into %s in memory: the reference is that adapter's policy", adapter, base)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def prepare_policy(config: RunConfig, tokenizer, length: int | None):
+    """(policy, reference or None): LoRA or layer freezing on the starting model, and its reference."""
+    from transformers import set_seed
+
+    set_seed(config.training.seed)  # the adapter's initialisation follows `seed`
+    model = load_start_model(config, tokenizer, length)
+    vocabulary_changed = resize_for_tokenizer(model, tokenizer)
+    reference = None
+    if config.adapter.use_peft:
+        extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
+        model = attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
+    else:
+        freeze_layers(model, config.adapter.freeze_trainable_layers)
+        if not config.training.precompute_ref_log_probs:
+            # TRL would reload the reference from the model's path: wrong after an in-memory merge or resize.
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model, reference
+
+
+def use_disabled_adapter_as_reference(trainer: KTOTrainer, config: RunConfig) -> None:
+    """TRL copies any adapter it is handed into a frozen "ref" adapter. For a new adapter (zero update) that copy
+    is the base itself, so drop it: the reference forward then runs with adapters disabled."""
+    model = trainer.model
+    if config.adapter.use_peft and not config.adapter.peft_path and "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def run(config: RunConfig) -> dict:
+    d, args = config.data, config.training
+    if d.streaming:
+        raise ConfigError("KTO data is read in full (preference files are small); streaming is for PT corpora")
+    check_kto_options(args)
+    start_adapter = unmerged_adapter(config.model.model_name_or_path)
+    if start_adapter is not None and (config.adapter.peft_path or config.model.load_in_4bit or config.model.load_in_8bit):
+        raise ConfigError(f"{config.model.model_name_or_path} is a LoRA adapter, merged in memory before training: "
+                          "it cannot be combined with peft_path or 4/8-bit loading; merge it first (`medgpt merge`)")
+    if "gradient_checkpointing" not in config.given and "activation_checkpointing" not in config.given:
+        args.activation_checkpointing = args.gradient_checkpointing = False  # TRL defaults it on; ours is off
+    data = load_stage_data(d, DATA_KINDS, args.seed)  # validated before any model loads
+    resume = begin_run(config)
+
+    tokenizer = load_tokenizer(config.model)
+    add_new_tokens(tokenizer, config.model.new_tokens_file)
+    base_name = read_adapter_config(start_adapter)["base_model_name_or_path"] if start_adapter else None
+    model_config = load_model_config(dataclasses.replace(config.model, model_name_or_path=base_name)
+                                     if base_name else config.model)
+    max_length = args.max_length or model_config.max_position_embeddings
+    check_context_length(config, model_config, max_length)
+    chat = ChatFormat(tokenizer, config.run.template)
+    key = {"stage": "kto", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
+           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
+           "hub": [d.dataset_name, d.dataset_config_name], "max_length": max_length,
+           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
+                       d.data_format, args.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
+    train, info = cached_features({**key, "split": "train"},
+                                  lambda: kto_features(chat, data.train, max_length, args.seed), d.overwrite_cache)
+    if len(train) < 2:
+        raise ConfigError(f"KTO needs at least 2 examples that fit max_length={max_length} ({info})")
+    weight_advice(info, args)
+    evaluation = None
+    if data.eval:
+        evaluation, _ = cached_features({**key, "split": "eval"},
+                                        lambda: kto_features(chat, data.eval, max_length, args.seed),
+                                        d.overwrite_cache)
+
+    model, reference = prepare_policy(config, tokenizer, max_length)
+    output = Path(args.output_dir)
+    if args.process_index == 0:
+        if resume is None:
+            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        write_run_config(config, output)
+    trainer = KTOFeaturesTrainer(model=model, ref_model=reference, args=args, train_dataset=train,
+                                 eval_dataset=evaluation, processing_class=tokenizer,
+                                 callbacks=standard_callbacks(output))
+    use_disabled_adapter_as_reference(trainer, config)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if evaluation is not None and len(evaluation) > 0:
+        metrics.update(trainer.evaluate())
+    metrics.update(world_size=args.world_size, global_step=trainer.state.global_step,
+                   **{"kto_" + k: v for k, v in info.items()})
+    if start_adapter is not None and config.adapter.use_peft:
+        logger.info("saving full weights: the new adapter sits on %s merged in memory", start_adapter)
+        trainer.model = trainer.model.merge_and_unload()
+    job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config))
+    save_final(trainer, job, metrics, plots=REWARD_PLOTS)
+    return metrics
+
+
+register(Stage(
+    name="kto",
+    summary="KTO alignment from thumbs-up / thumbs-down answers (or preference pairs split in two)",
+    run=run,
+    training_class=KTOConfig,
+    data_kind="kto",
+))

@@ -1,0 +1,245 @@
+"""Stage 3, reward modelling (RM): learn a scalar score that ranks the chosen reply above the rejected one
+(pairwise Bradley–Terry loss), read at each sequence's last real token."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
+from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.loading import load_stage_data
+from medgpt.data.preference import PairStats, encode_pair
+from medgpt.data.readers import resolve_many
+from medgpt.data.templates import ChatFormat
+from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers
+from medgpt.models.load import load_model, load_model_config, load_tokenizer
+from medgpt.models.reward import right_padded, use_last_token_reward
+from medgpt.report import METRICS_FILE
+from medgpt.stages import Stage, register
+from medgpt.training.recipe import (
+    TrainingJob,
+    add_new_tokens,
+    begin_run,
+    datasets_sources,
+    resize_for_tokenizer,
+    save_final,
+    standard_callbacks,
+)
+from medgpt.training.trainer import TrainingDiverged, diagnose_nan
+
+logger = logging.getLogger(__name__)
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": " ".join(text.split())}, **kwargs)
+
+
+@dataclass
+class RewardArguments:
+    """Options of reward-model training."""
+
+    max_length: int = _help(
+        """Longest prompt + reply in tokens (chosen and rejected each). Longer pairs are not dropped: the prompt
+        loses its oldest tokens first (keeping at least half the budget), then replies lose their tail; the
+        counts are logged and saved in train_results.json. Memory grows with it.""",
+        default=1024,
+    )
+    margin: float = _help(
+        """Required reward gap: the loss is -log sigmoid(r_chosen - r_rejected - margin). 0 (default) is the
+        plain Bradley–Terry loss; a positive value (e.g. 0.5-1) keeps pushing pairs apart after they are ranked
+        right, useful when preferences are clear-cut and scores should separate widely.""",
+        default=0.0,
+    )
+    center_rewards_coefficient: float = _help(
+        """Weight of a penalty coef * mean((r_chosen + r_rejected)^2) that keeps rewards centred on 0
+        (InstructGPT; 0.01 as in TRL's docs). The pairwise loss only fixes differences, so rewards can drift;
+        turn it on when the scores feed RL (PPO) and should be on a stable scale.""",
+        default=0.0,
+    )
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+                         center_coefficient: float = 0.0) -> torch.Tensor:
+    """Bradley–Terry loss of (B,) rewards: -mean log sigmoid(r_c - r_r - margin) + coef * mean((r_c + r_r)^2)."""
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def reward_features(chat: ChatFormat, records, max_length: int):
+    """input_ids_chosen / input_ids_rejected = prompt + reply, truncated by `encode_pair`; counts in info."""
+    stats, features = PairStats(), []
+    for record in records:
+        pair = encode_pair(chat, record, max_length, stats)
+        if pair is not None:
+            features.append({"input_ids_chosen": pair["prompt_ids"] + pair["chosen_ids"],
+                             "input_ids_rejected": pair["prompt_ids"] + pair["rejected_ids"]})
+    info = {key: stats.counts[key] for key in ("kept", "prompt_truncated", "reply_truncated", "dropped")}
+    info["tokens"] = sum(len(f["input_ids_chosen"]) + len(f["input_ids_rejected"]) for f in features)
+    logger.info("reward pairs: %s", stats.line())
+    return features, info
+
+
+@dataclass
+class PairCollator:
+    """Pad chosen and rejected of a batch to one common length (right padding, masks from lengths), so the
+    trainer can run both halves in one forward pass. Each key is (B, T): the Trainer counts B pairs."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        chosen = [f["input_ids_chosen"] for f in features]
+        rejected = [f["input_ids_rejected"] for f in features]
+        ids, mask = right_padded(chosen + rejected, self.pad_token_id)
+        n = len(features)
+        return {"input_ids_chosen": ids[:n], "attention_mask_chosen": mask[:n],
+                "input_ids_rejected": ids[n:], "attention_mask_rejected": mask[n:]}
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+def reward_metrics(prediction) -> dict[str, float]:
+    """Eval metrics from the gathered (N, 2) [chosen, rejected] rewards of every process."""
+    rewards = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1, 2)
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    return {"accuracy": float((chosen > rejected).mean()), "reward_chosen": float(chosen.mean()),
+            "reward_rejected": float(rejected.mean()), "margin": float((chosen - rejected).mean())}
+
+
+class RewardTrainer(Trainer):
+    """A plain Trainer with the pairwise loss; logs train accuracy/margin next to the loss."""
+
+    def __init__(self, *args, margin: float = 0.0, center_coefficient: float = 0.0, **kwargs):
+        super().__init__(*args, compute_metrics=reward_metrics, **kwargs)
+        self.margin, self.center_coefficient = margin, center_coefficient
+        self.model_accepts_loss_kwargs = False  # the loss is a mean per micro-batch: the Trainer averages steps
+        self._train_sums = torch.zeros(4, dtype=torch.float64)  # correct, sum r_c, sum r_r, pairs
+
+    def rewards(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]])
+        mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]])
+        rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # (2B,)
+        return rewards.chunk(2)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self.rewards(model, inputs)
+        loss = pairwise_reward_loss(chosen, rejected, self.margin, self.center_coefficient)
+        if model.training:
+            if not torch.isfinite(loss.detach()):
+                raise TrainingDiverged(diagnose_nan(self.args, self.state.global_step, float(loss.detach())))
+            c, r = chosen.detach().double().cpu(), rejected.detach().double().cpu()
+            self._train_sums += torch.stack([(c > r).sum(), c.sum(), r.sum(), torch.tensor(float(len(c)))])
+        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        # No labels exist; the Trainer calls compute_metrics only when it has some, so pass placeholders.
+        return loss.detach(), rewards.detach(), torch.zeros(len(rewards), device=rewards.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._train_sums[3] > 0:  # a training log row: every rank gets here together
+            sums = self.accelerator.reduce(self._train_sums.to(self.args.device), reduction="sum").cpu()
+            correct, chosen, rejected, pairs = sums.tolist()
+            logs.update(accuracy=correct / pairs, reward_chosen=chosen / pairs, reward_rejected=rejected / pairs,
+                        margin=(chosen - rejected) / pairs)
+            self._train_sums.zero_()
+        super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def prepare_reward_model(config: RunConfig, tokenizer, context_length: int):
+    """The start model with a scalar head (`num_labels=1`, pad id set), pooled at the last real token;
+    LoRA with the head trained in full and saved via modules_to_save, or full / top-layer training."""
+    from transformers import set_seed
+
+    set_seed(config.training.seed)  # the head's and the adapter's initialisation follow `seed`
+    model = load_model(config.model, tokenizer, head="sequence_classification", context_length=context_length)
+    vocabulary_changed = resize_for_tokenizer(model, tokenizer)
+    use_last_token_reward(model)
+    if config.adapter.use_peft:
+        save = ["score", "embed_tokens"] if vocabulary_changed else ["score"]
+        model = attach_adapter(model, config.adapter, "SEQ_CLS", save, config.model.gradient_checkpointing)
+    else:
+        freeze_layers(model, config.adapter.freeze_trainable_layers)
+        if config.adapter.freeze_trainable_layers:
+            model.score.weight.requires_grad = True  # the new head always trains
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def run(config: RunConfig) -> dict:
+    d, rm, args = config.data, config.extra(RewardArguments), config.training
+    if d.streaming:
+        raise ConfigError("reward-model data is read in full (preference files are small); streaming is for PT corpora")
+    data = load_stage_data(d, ("preference",), args.seed)  # validated before any model loads
+    resume = begin_run(config)
+    tokenizer = load_tokenizer(config.model)
+    add_new_tokens(tokenizer, config.model.new_tokens_file)
+    check_context_length(config, load_model_config(config.model), rm.max_length)
+    chat = ChatFormat(tokenizer, config.run.template)
+    key = {"stage": "rm", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
+           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
+           "hub": [d.dataset_name, d.dataset_config_name], "max_length": rm.max_length,
+           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
+                       d.data_format, args.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
+    train, info = cached_features({**key, "split": "train"}, lambda: reward_features(chat, data.train, rm.max_length),
+                                  d.overwrite_cache)
+    if not len(train):
+        raise ConfigError(f"no preference pair fits max_length={rm.max_length} ({info}): raise max_length")
+    evaluation = None
+    if data.eval:
+        evaluation, _ = cached_features({**key, "split": "eval"},
+                                        lambda: reward_features(chat, data.eval, rm.max_length), d.overwrite_cache)
+    model = prepare_reward_model(config, tokenizer, rm.max_length)
+
+    output = Path(args.output_dir)
+    if args.process_index == 0:
+        if resume is None:
+            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        write_run_config(config, output)
+    args.remove_unused_columns = False  # our columns are not forward() arguments
+    args.label_names = []  # no labels: the loss comes from pairs
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                            data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                            callbacks=standard_callbacks(output), margin=rm.margin,
+                            center_coefficient=rm.center_rewards_coefficient)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if evaluation is not None and len(evaluation) > 0:
+        metrics.update(trainer.evaluate())
+    metrics.update(world_size=args.world_size, global_step=trainer.state.global_step,
+                   **{"rm_" + k: v for k, v in info.items()})
+    job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config))
+    rewards = ("eval_reward_chosen", "eval_reward_rejected", "eval_margin", "eval_accuracy",
+               "reward_chosen", "reward_rejected", "margin", "accuracy")
+    save_final(trainer, job, metrics, plots=[(rewards, "reward.png", "rewards and pairwise accuracy")])
+    return metrics
+
+
+register(Stage(
+    name="rm",
+    summary="reward model on preference pairs (pairwise Bradley–Terry loss, reward at the last real token)",
+    run=run,
+    training_class=TrainingArguments,
+    extra_classes=(RewardArguments,),
+    data_kind="preference",
+))
