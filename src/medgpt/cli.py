@@ -145,7 +145,8 @@ def cmd_score(args) -> int:
     from medgpt.data.records import PreferencePair
     from medgpt.models.reward import RewardModelScorer
 
-    records = read_records(args.data, ("preference", "conversation"), ReadOptions(args.format)).records  # validate first
+    # Read and validate the data before loading any model.
+    records = read_records(args.data, ("preference", "conversation"), ReadOptions(args.format)).records
     try:
         scorer = RewardModelScorer.load(args.reward_model, template=args.template, torch_dtype=args.dtype,
                                         trust_remote_code=args.trust_remote_code, batch_size=args.batch_size,
@@ -156,7 +157,7 @@ def cmd_score(args) -> int:
     pairs = [r for r in records if isinstance(r, PreferencePair)]
     conversations = [r for r in records if not isinstance(r, PreferencePair)]
     chosen, rejected = scorer.score_pairs(pairs) if pairs else ([], [])
-    rewards = scorer.score([c.messages for c in conversations], [c.tools for c in conversations]) if conversations else []
+    rewards = scorer.score([c.messages for c in conversations], [c.tools for c in conversations])
     rows = [{"source": str(p.source), "chosen": c, "rejected": r, "chosen_wins": c > r}
             for p, c, r in zip(pairs, chosen, rejected)]
     rows += [{"source": str(c.source), "reward": value} for c, value in zip(conversations, rewards)]

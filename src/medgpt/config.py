@@ -152,7 +152,6 @@ def build_config(stage, values: dict[str, Any]) -> RunConfig:
     if values["stage"] != stage.name:
         raise ConfigError(f"the config says stage '{values['stage']}' but the command runs '{stage.name}'")
     check_names(stage, values)
-    classes = [*OWN_SECTIONS, *stage.extra_classes, stage.training_class]
     given = dict(values)
     values = _precision_defaults(stage.training_class, values)
     built = {cls: _instantiate(cls, values) for cls in OWN_SECTIONS + stage.extra_classes}

@@ -96,3 +96,34 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def start_from_adapter(config) -> str | None:
+    """`model_name_or_path` naming a LoRA adapter directory (an SFT output) -> its base + `peft_path`.
+
+    Preference stages then keep training that adapter, with a frozen copy of it as the reference model: the
+    reference is the SFT policy (disabling the adapter would give the pre-SFT base), and the result stays an
+    adapter of the original base, which `medgpt merge` and the engine load as usual.
+    """
+    import json
+    from pathlib import Path
+
+    from medgpt.config import ConfigError
+
+    m, a = config.model, config.adapter
+    path = Path(m.model_name_or_path).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        if a.peft_path:
+            raise ConfigError(f"{path} is an adapter and peft_path is set too: give the adapter once")
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{path}/adapter_config.json names no base model: set model_name_or_path to the base "
+                              f"and peft_path: {path}")
+        logger.info("%s is a LoRA adapter: training it further on its base %s", path, base)
+        m.model_name_or_path, a.peft_path = base, str(path)
+        if m.tokenizer_name_or_path is None and (path / "tokenizer_config.json").is_file():
+            m.tokenizer_name_or_path = str(path)  # the tokenizer (and chat template) the adapter was trained with
+    if a.peft_path and not a.use_peft:
+        raise ConfigError(f"full training from an unmerged adapter ({a.peft_path}): merge it first "
+                          f"(`medgpt merge {a.peft_path} OUT`) and set model_name_or_path: OUT, or train LoRA")
+    return a.peft_path

@@ -89,7 +89,8 @@ class RewardModelScorer:
 
     @classmethod
     def load(cls, path: str, template: str | None = None, torch_dtype: str = "auto", device_map: str | None = None,
-             trust_remote_code: bool = False, batch_size: int = 8, max_length: int | None = None) -> "RewardModelScorer":
+             trust_remote_code: bool = False, batch_size: int = 8,
+             max_length: int | None = None) -> "RewardModelScorer":
         """A full / merged reward model directory, or a LoRA reward adapter (its base is loaded underneath)."""
         from medgpt.models.load import load_model, load_tokenizer, resolve_model_path
         from medgpt.serve.engine import saved_template_name

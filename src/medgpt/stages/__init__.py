@@ -20,7 +20,13 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 # Stage modules, imported on first use; each calls `register`. Later stages add their module here.
-STAGE_MODULES: tuple[str, ...] = ("medgpt.stages.pt", "medgpt.stages.sft")
+STAGE_MODULES: tuple[str, ...] = (
+    "medgpt.stages.pt",
+    "medgpt.stages.sft",
+    "medgpt.stages.rm",
+    "medgpt.stages.dpo",
+    "medgpt.stages.kto",
+)
 
 
 def register(stage: Stage) -> Stage:

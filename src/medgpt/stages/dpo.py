@@ -21,19 +21,20 @@ The reference model is the policy as this stage starts:
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
+from medgpt.arguments import documented
 from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
 from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_pair
 from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
+from medgpt.models.adapters import start_from_adapter
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.report import METRICS_FILE
 from medgpt.stages import Stage, register
@@ -65,9 +66,11 @@ PLOTS = ((("rewards/chosen", "rewards/rejected", "rewards/margins"), "rewards.pn
 class PreferenceArguments:
     """Options of the DPO family that TRL's DPOConfig lacks."""
 
-    simpo_gamma: float = field(default=0.5, metadata={"help": " ".join(
+    simpo_gamma: float = documented(
         """SimPO's target reward margin γ (loss_type: simpo only): the loss pushes β·(mean log p(chosen) - mean
-        log p(rejected)) above γ. The paper uses β 2-2.5 with γ/β 0.3-0.5; raise γ for a wider separation.""".split())})
+        log p(rejected)) above γ. The paper uses β 2-2.5 with γ/β 0.3-0.5; raise γ for a wider separation.""",
+        default=0.5,
+    )
 
 
 class PreferenceTrainer(DPOTrainer):
@@ -174,27 +177,6 @@ def reference_free_loss(config: RunConfig) -> str | None:
     return own
 
 
-def start_from_adapter(config: RunConfig) -> str | None:
-    """`model_name_or_path` naming a LoRA adapter directory (an SFT output) -> its base + `peft_path`."""
-    m, a = config.model, config.adapter
-    path = Path(m.model_name_or_path).expanduser()
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        if a.peft_path:
-            raise ConfigError(f"{path} is an adapter and peft_path is set too: give the adapter once")
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base:
-            raise ConfigError(f"{path}/adapter_config.json names no base model: set model_name_or_path to the base "
-                              f"and peft_path: {path}")
-        logger.info("%s is a LoRA adapter: training it further on its base %s", path, base)
-        m.model_name_or_path, a.peft_path = base, str(path)
-        if m.tokenizer_name_or_path is None and (path / "tokenizer_config.json").is_file():
-            m.tokenizer_name_or_path = str(path)  # the tokenizer (and chat template) the adapter was trained with
-    if a.peft_path and not a.use_peft:
-        raise ConfigError(f"full training from an unmerged adapter ({a.peft_path}): merge it first "
-                          f"(`medgpt merge {a.peft_path} OUT`) and set model_name_or_path: OUT, or train LoRA")
-    return a.peft_path
-
-
 # ------------------------------------------------------------------------------------------------ recipe
 
 
@@ -265,8 +247,6 @@ def run(config: RunConfig) -> dict:
     metrics = dict(result.metrics)
     if job.eval is not None and len(job.eval) > 0:
         metrics.update(trainer.evaluate())
-    if "ref" in getattr(trainer.model, "peft_config", {}):
-        trainer.model.delete_adapter("ref")  # the reference copy is not part of the result
     metrics.update(world_size=job.config.training.world_size, global_step=trainer.state.global_step,
                    loss_type="orpo" if job.config.stage == "orpo" else ",".join(job.config.training.loss_type),
                    **job.stats)

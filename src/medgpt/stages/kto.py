@@ -18,15 +18,14 @@ Reference = the policy as this stage starts:
 - LoRA on a plain (or merged) model: the same model with the adapter disabled (no second copy).
 - LoRA continued from `peft_path`: a frozen copy of that adapter (TRL's "ref" adapter).
 - Full training: a frozen copy of the model (or none with `precompute_ref_log_probs: true`).
-- `model_name_or_path` an unmerged LoRA adapter directory (e.g. the SFT output): its adapter is merged into
-  its base in memory first, so the reference is the SFT policy, not the pre-SFT base. A new LoRA adapter on
-  that merged model would be meaningless next to the bare base, so such a run saves full merged weights.
+- `model_name_or_path` an unmerged LoRA adapter directory (e.g. the SFT output): read as its base + `peft_path`
+  (`models.adapters.start_from_adapter`, shared with DPO), so that adapter trains on and its frozen copy is the
+  reference — the SFT policy, not the pre-SFT base; the output is an adapter of the original base.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -40,9 +39,8 @@ from medgpt.data.preference import PairStats, encode_kto, pairs_to_kto
 from medgpt.data.readers import resolve_many
 from medgpt.data.records import KTORecord, PreferencePair
 from medgpt.data.templates import ChatFormat
-from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers
-from medgpt.models.load import load_model, load_model_config, load_tokenizer, resolve_model_path
-from medgpt.models.merge import match_trained_vocabulary, read_adapter_config
+from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, start_from_adapter
+from medgpt.models.load import load_model, load_model_config, load_tokenizer
 from medgpt.report import METRICS_FILE
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
@@ -79,7 +77,7 @@ def kto_features(chat: ChatFormat, records, max_length: int, seed: int):
     examples, pairs = kto_examples(records, seed)
     stats = PairStats()
     features = [f for r in examples if (f := encode_kto(chat, r, max_length, stats)) is not None]
-    info = dict(stats.counts)
+    info = {k: stats.counts[k] for k in PairStats.DESCRIPTIONS}  # every count, zeros included
     info.update(from_pairs=pairs, desirable=sum(f["label"] for f in features),
                 undesirable=sum(not f["label"] for f in features))
     logger.info("KTO examples: %s; %d desirable, %d undesirable (%d from preference pairs)",
@@ -135,32 +133,12 @@ def weight_advice(info: dict, args: KTOConfig) -> None:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def unmerged_adapter(name: str) -> Path | None:
-    """The directory when `name` is a LoRA adapter (adapter_config.json), not a full model."""
-    path = Path(resolve_model_path(name))
-    return path if (path / "adapter_config.json").is_file() else None
-
-
-def load_start_model(config: RunConfig, tokenizer, length: int | None):
-    """The policy as the stage starts: the model, or an adapter merged into its base in memory."""
-    adapter = unmerged_adapter(config.model.model_name_or_path)
-    if adapter is None:
-        return load_model(config.model, tokenizer, context_length=length)
-    from peft import PeftModel
-
-    base = read_adapter_config(adapter)["base_model_name_or_path"]
-    model = load_model(dataclasses.replace(config.model, model_name_or_path=base), tokenizer, context_length=length)
-    match_trained_vocabulary(model, tokenizer, adapter)
-    logger.info("merging the adapter %s into %s in memory: the reference is that adapter's policy", adapter, base)
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-
-
 def prepare_policy(config: RunConfig, tokenizer, length: int | None):
     """(policy, reference or None): LoRA or layer freezing on the starting model, and its reference."""
     from transformers import set_seed
 
     set_seed(config.training.seed)  # the adapter's initialisation follows `seed`
-    model = load_start_model(config, tokenizer, length)
+    model = load_model(config.model, tokenizer, context_length=length)
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
     reference = None
     if config.adapter.use_peft:
@@ -193,10 +171,7 @@ def run(config: RunConfig) -> dict:
     if d.streaming:
         raise ConfigError("KTO data is read in full (preference files are small); streaming is for PT corpora")
     check_kto_options(args)
-    start_adapter = unmerged_adapter(config.model.model_name_or_path)
-    if start_adapter is not None and (config.adapter.peft_path or config.model.load_in_4bit or config.model.load_in_8bit):
-        raise ConfigError(f"{config.model.model_name_or_path} is a LoRA adapter, merged in memory before training: "
-                          "it cannot be combined with peft_path or 4/8-bit loading; merge it first (`medgpt merge`)")
+    start_from_adapter(config)  # an unmerged SFT adapter: train it on, its frozen copy is the reference
     if "gradient_checkpointing" not in config.given and "activation_checkpointing" not in config.given:
         args.activation_checkpointing = args.gradient_checkpointing = False  # TRL defaults it on; ours is off
     data = load_stage_data(d, DATA_KINDS, args.seed)  # validated before any model loads
@@ -204,9 +179,7 @@ def run(config: RunConfig) -> dict:
 
     tokenizer = load_tokenizer(config.model)
     add_new_tokens(tokenizer, config.model.new_tokens_file)
-    base_name = read_adapter_config(start_adapter)["base_model_name_or_path"] if start_adapter else None
-    model_config = load_model_config(dataclasses.replace(config.model, model_name_or_path=base_name)
-                                     if base_name else config.model)
+    model_config = load_model_config(config.model)
     max_length = args.max_length or model_config.max_position_embeddings
     check_context_length(config, model_config, max_length)
     chat = ChatFormat(tokenizer, config.run.template)
@@ -242,9 +215,6 @@ def run(config: RunConfig) -> dict:
         metrics.update(trainer.evaluate())
     metrics.update(world_size=args.world_size, global_step=trainer.state.global_step,
                    **{"kto_" + k: v for k, v in info.items()})
-    if start_adapter is not None and config.adapter.use_peft:
-        logger.info("saving full weights: the new adapter sits on %s merged in memory", start_adapter)
-        trainer.model = trainer.model.merge_and_unload()
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config))
     save_final(trainer, job, metrics, plots=REWARD_PLOTS)
     return metrics

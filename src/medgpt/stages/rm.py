@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
+from medgpt.arguments import documented
 from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
 from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
 from medgpt.data.loading import load_stage_data
@@ -37,27 +38,24 @@ from medgpt.training.trainer import TrainingDiverged, diagnose_nan
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": " ".join(text.split())}, **kwargs)
-
 
 @dataclass
 class RewardArguments:
     """Options of reward-model training."""
 
-    max_length: int = _help(
+    max_length: int = documented(
         """Longest prompt + reply in tokens (chosen and rejected each). Longer pairs are not dropped: the prompt
         loses its oldest tokens first (keeping at least half the budget), then replies lose their tail; the
         counts are logged and saved in train_results.json. Memory grows with it.""",
         default=1024,
     )
-    margin: float = _help(
+    margin: float = documented(
         """Required reward gap: the loss is -log sigmoid(r_chosen - r_rejected - margin). 0 (default) is the
         plain Bradley–Terry loss; a positive value (e.g. 0.5-1) keeps pushing pairs apart after they are ranked
         right, useful when preferences are clear-cut and scores should separate widely.""",
         default=0.0,
     )
-    center_rewards_coefficient: float = _help(
+    center_rewards_coefficient: float = documented(
         """Weight of a penalty coef * mean((r_chosen + r_rejected)^2) that keeps rewards centred on 0
         (InstructGPT; 0.01 as in TRL's docs). The pairwise loss only fixes differences, so rewards can drift;
         turn it on when the scores feed RL (PPO) and should be on a stable scale.""",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
-from medgpt.arguments import CausalLMArguments
+from medgpt.arguments import CausalLMArguments, documented
 from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
 from medgpt.data.loading import load_stage_data
@@ -29,27 +29,24 @@ from medgpt.training.recipe import (
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": " ".join(text.split())}, **kwargs)
-
 
 @dataclass
 class SFTArguments:
     """Options of supervised fine-tuning."""
 
-    max_length: int = _help(
+    max_length: int = documented(
         """Longest training sample in tokens. Longer conversations are cut after the last assistant reply that
         fits (its end-of-turn kept); a first reply that does not fit is cut without a fake end-of-turn; samples
         whose prompt alone is longer are dropped and counted. Memory grows with it.""",
         default=1024,
     )
-    packing: bool = _help(
+    packing: bool = documented(
         """Padding-free batches: the samples of a batch are concatenated into one row with per-sample position
         ids, so no compute is spent on padding and samples never attend to each other. false pads each batch
         to its longest sample (use it for kernels that cannot take packed rows).""",
         default=True,
     )
-    sample_prompts: int = _help(
+    sample_prompts: int = documented(
         """After training, answer this many held-out prompts (validation split, else training data) with the
         trained model and write them to samples.jsonl next to the model. 0 = off; generation is slow on CPU.""",
         default=0,

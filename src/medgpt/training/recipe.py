@@ -31,6 +31,7 @@ from medgpt.training.trainer import CausalLMTrainer, use_chunked_loss
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "train_results.json"
+CARD_METRICS = ("loss", "perplexity", "accuracy", "margin", "reward")  # what the model card's table shows
 
 
 @dataclass
@@ -143,6 +144,8 @@ def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple 
     """Stage the final model in a temporary directory, move it in, write train_results.json last."""
     output = Path(job.config.training.output_dir)
     staging = output / ".final-tmp"
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen reference copy of an adapter is not part of the result
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -158,8 +161,8 @@ def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple 
             write_samples(trainer.model, job, staging / "samples.jsonl")
         write_model_card(staging, title=output.resolve().name, base_model=config.model.model_name_or_path, stages=[config.stage],
                          data=job.data_sources, method=method_name(config), template=config.run.template or "",
-                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "loss" in k
-                                  or k == "eval_perplexity"})
+                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                                  and any(word in k for word in CARD_METRICS)})
         for item in staging.iterdir():
             target = output / item.name
             if target.is_dir():
