@@ -12,7 +12,6 @@ import torch
 import yaml
 
 import medgpt.stages.kto as kto_stage
-from conftest import make_tiny_model
 from medgpt.config import ConfigError, build_config
 from medgpt.data.preference import pairs_to_kto
 from medgpt.data.readers import read_records
@@ -63,22 +62,6 @@ def rows_with(output: Path, key: str) -> list[dict]:
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def learnable_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Llama with a large init (0.5): LoRA moves its logits enough to learn a toy set in a few dozen steps."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-llama-learnable")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.5, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture

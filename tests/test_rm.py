@@ -92,22 +92,6 @@ def _private_cache(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def learnable_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Llama with a large init (0.5), as in test_stages: LoRA moves it enough to learn a toy set fast."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-llama-learnable-rm")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.5, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture
 def rm_options(tmp_path, tiny_model_dir) -> dict:
     return {

@@ -62,3 +62,24 @@ def cached_features(key: dict[str, Any], build: Callable[[], tuple[list[dict], d
         else:
             logger.info("using cached features %s", target)
     return load_from_disk(str(target)), json.loads((target / INFO_FILE).read_text(encoding="utf-8"))
+
+
+def stage_features(config, data, tokenizer, template: str, settings: dict[str, Any],
+                   build: Callable[[list], tuple[list[dict], dict]]):
+    """(train, eval or None, train info): both splits of a stage's data tokenised by `build`, cached under a
+    key made of the input files, the data options, the tokenizer and template, and the stage's `settings`."""
+    from medgpt.data.readers import resolve_many
+
+    d = config.data
+    key = {"stage": config.stage, **settings,
+           "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
+           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
+           "hub": [d.dataset_name, d.dataset_config_name],
+           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
+                       d.data_format, d.text_separator, d.keep_linebreaks, config.training.seed],
+           **tokenizer_fingerprint(tokenizer, template)}
+    train, info = cached_features({**key, "split": "train"}, lambda: build(data.train), d.overwrite_cache)
+    evaluation = None
+    if data.eval:
+        evaluation, _ = cached_features({**key, "split": "eval"}, lambda: build(data.eval), d.overwrite_cache)
+    return train, evaluation, info

@@ -29,10 +29,9 @@ from trl import DPOConfig, DPOTrainer
 
 from medgpt.arguments import documented
 from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
-from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_pair
-from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import start_from_adapter
 from medgpt.models.load import load_model_config, load_tokenizer
@@ -203,20 +202,10 @@ def setup(config: RunConfig):
     add_new_tokens(tokenizer, config.model.new_tokens_file)
     check_context_length(config, load_model_config(config.model), args.max_length)
     chat = ChatFormat(tokenizer, config.run.template)
-    key = {"stage": "preference", "max_length": args.max_length,
-           "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
-           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
-           "hub": [d.dataset_name, d.dataset_config_name],
-           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
-                       d.data_format, args.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
-    train, info = cached_features({**key, "split": "train"}, lambda: pair_features(chat, data.train, args.max_length),
-                                  d.overwrite_cache)
+    train, evaluation, info = stage_features(config, data, tokenizer, chat.jinja, {"max_length": args.max_length},
+                                             lambda records: pair_features(chat, records, args.max_length))
     if not len(train):
         raise ConfigError(f"no preference pair fits max_length={args.max_length} ({info}): raise max_length")
-    evaluation = None
-    if data.eval:
-        evaluation, _ = cached_features({**key, "split": "eval"},
-                                        lambda: pair_features(chat, data.eval, args.max_length), d.overwrite_cache)
 
     # DPOConfig defaults to activation checkpointing; ours (gradient_checkpointing, default off) decides.
     args.activation_checkpointing = args.gradient_checkpointing = config.model.gradient_checkpointing

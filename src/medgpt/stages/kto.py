@@ -33,10 +33,9 @@ from pathlib import Path
 from trl import KTOConfig, KTOTrainer
 
 from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
-from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_kto, pairs_to_kto
-from medgpt.data.readers import resolve_many
 from medgpt.data.records import KTORecord, PreferencePair
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, start_from_adapter
@@ -183,21 +182,11 @@ def run(config: RunConfig) -> dict:
     max_length = args.max_length or model_config.max_position_embeddings
     check_context_length(config, model_config, max_length)
     chat = ChatFormat(tokenizer, config.run.template)
-    key = {"stage": "kto", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
-           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
-           "hub": [d.dataset_name, d.dataset_config_name], "max_length": max_length,
-           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
-                       d.data_format, args.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
-    train, info = cached_features({**key, "split": "train"},
-                                  lambda: kto_features(chat, data.train, max_length, args.seed), d.overwrite_cache)
+    train, evaluation, info = stage_features(config, data, tokenizer, chat.jinja, {"max_length": max_length},
+                                             lambda records: kto_features(chat, records, max_length, args.seed))
     if len(train) < 2:
         raise ConfigError(f"KTO needs at least 2 examples that fit max_length={max_length} ({info})")
     weight_advice(info, args)
-    evaluation = None
-    if data.eval:
-        evaluation, _ = cached_features({**key, "split": "eval"},
-                                        lambda: kto_features(chat, data.eval, max_length, args.seed),
-                                        d.overwrite_cache)
 
     model, reference = prepare_policy(config, tokenizer, max_length)
     output = Path(args.output_dir)

@@ -7,10 +7,9 @@ from transformers import TrainingArguments
 
 from medgpt.arguments import CausalLMArguments
 from medgpt.config import ConfigError, RunConfig, check_context_length
-from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data, stream_records
 from medgpt.data.processors import document_ids, pack_documents
-from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
@@ -55,17 +54,8 @@ def run(config: RunConfig) -> dict:
     if d.streaming:
         train, evaluation = StreamingBlocks(config, tokenizer, d.block_size), None
     else:
-        key = {"stage": "pt", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
-               "hub": [d.dataset_name, d.dataset_config_name], "block_size": d.block_size,
-               "options": [d.text_separator, d.keep_linebreaks, d.validation_split_percentage,
-                           d.validation_file_dir, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
-                           config.training.seed], **tokenizer_fingerprint(tokenizer, "")}
-        train, info = cached_features({**key, "split": "train"}, lambda: blocks(data.train, tokenizer, d.block_size),
-                                      d.overwrite_cache)
-        evaluation = None
-        if data.eval:
-            evaluation, _ = cached_features({**key, "split": "eval"}, lambda: blocks(data.eval, tokenizer, d.block_size),
-                                            d.overwrite_cache)
+        train, evaluation, info = stage_features(config, data, tokenizer, "", {"block_size": d.block_size},
+                                                 lambda records: blocks(records, tokenizer, d.block_size))
         stats = {"train_" + k: v for k, v in info.items()}
         if not len(train):
             raise ConfigError("the training text produced no tokens")

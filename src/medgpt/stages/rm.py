@@ -14,10 +14,9 @@ from transformers import Trainer, TrainingArguments
 
 from medgpt.arguments import documented
 from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
-from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_pair
-from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers
 from medgpt.models.load import load_model, load_model_config, load_tokenizer
@@ -194,19 +193,10 @@ def run(config: RunConfig) -> dict:
     add_new_tokens(tokenizer, config.model.new_tokens_file)
     check_context_length(config, load_model_config(config.model), rm.max_length)
     chat = ChatFormat(tokenizer, config.run.template)
-    key = {"stage": "rm", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
-           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
-           "hub": [d.dataset_name, d.dataset_config_name], "max_length": rm.max_length,
-           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
-                       d.data_format, args.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
-    train, info = cached_features({**key, "split": "train"}, lambda: reward_features(chat, data.train, rm.max_length),
-                                  d.overwrite_cache)
+    train, evaluation, info = stage_features(config, data, tokenizer, chat.jinja, {"max_length": rm.max_length},
+                                             lambda records: reward_features(chat, records, rm.max_length))
     if not len(train):
         raise ConfigError(f"no preference pair fits max_length={rm.max_length} ({info}): raise max_length")
-    evaluation = None
-    if data.eval:
-        evaluation, _ = cached_features({**key, "split": "eval"},
-                                        lambda: reward_features(chat, data.eval, rm.max_length), d.overwrite_cache)
     model = prepare_reward_model(config, tokenizer, rm.max_length)
 
     output = Path(args.output_dir)

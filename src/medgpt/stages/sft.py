@@ -9,10 +9,9 @@ from transformers import TrainingArguments
 
 from medgpt.arguments import CausalLMArguments, documented
 from medgpt.config import ConfigError, RunConfig, check_context_length
-from medgpt.data.features import cached_features, source_fingerprint, tokenizer_fingerprint
+from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.processors import SFTStats, encode_sft
-from medgpt.data.readers import resolve_many
 from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
@@ -73,22 +72,12 @@ def run(config: RunConfig) -> dict:
     add_new_tokens(tokenizer, config.model.new_tokens_file)
     check_context_length(config, load_model_config(config.model), sft.max_length)
     chat = ChatFormat(tokenizer, config.run.template)
-    key = {"stage": "sft", "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
-           "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
-           "hub": [d.dataset_name, d.dataset_config_name], "max_length": sft.max_length,
-           "train_on_prompt": config.run.train_on_prompt,
-           "options": [d.validation_split_percentage, d.max_train_samples, d.max_eval_samples, d.skip_invalid_records,
-                       d.data_format, config.training.seed], **tokenizer_fingerprint(tokenizer, chat.jinja)}
-    train, info = cached_features({**key, "split": "train"},
-                                  lambda: sft_features(chat, data.train, sft.max_length, config.run.train_on_prompt),
-                                  d.overwrite_cache)
+    settings = {"max_length": sft.max_length, "train_on_prompt": config.run.train_on_prompt}
+    train, evaluation, info = stage_features(
+        config, data, tokenizer, chat.jinja, settings,
+        lambda records: sft_features(chat, records, sft.max_length, config.run.train_on_prompt))
     if not len(train):
         raise ConfigError(f"no SFT sample fits max_length={sft.max_length} ({info}): raise max_length")
-    evaluation = None
-    if data.eval:
-        evaluation, _ = cached_features({**key, "split": "eval"},
-                                        lambda: sft_features(chat, data.eval, sft.max_length, config.run.train_on_prompt),
-                                        d.overwrite_cache)
     chunk = config.extra(CausalLMArguments).loss_chunk_size
     model = prepare_model(config, tokenizer, sft.max_length, chunk)
     prompts = [r.messages[: max(i for i, m in enumerate(r.messages) if m.role == "assistant" and i > 0)]
