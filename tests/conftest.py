@@ -61,6 +61,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch, tokenizer):
+    """Feature caches per test (the session tokenizer resolved the embedded model from the real cache first)."""
+    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def learnable_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama with a large init (0.5): LoRA moves its logits enough to learn a toy set in a few steps."""

@@ -125,7 +125,7 @@ def test_impossible_combinations_fail_with_the_fix():
         ({"load_in_4bit": True, "load_in_8bit": True}, "choose one"),
         ({"load_in_8bit": True, "use_peft": False}, "cannot be trained in full"),
         ({"freeze_trainable_layers": 2}, "set use_peft: false"),
-        ({"streaming": True}, "set max_steps"),
+        ({"streaming": True}, "streaming reads corpora larger than memory for PT"),
         ({"rope_scaling": "ntk"}, "linear, dynamic, yarn"),
         ({"template": "chatm"}, "chatml"),
         ({"model_name_or_path": None}, "model_name_or_path is required"),
@@ -134,6 +134,12 @@ def test_impossible_combinations_fail_with_the_fix():
     for extra, fix in cases:
         with pytest.raises((ConfigError, ValueError), match=fix):
             build_config(SFT, {**BASE, **extra})
+
+
+def test_streaming_pt_needs_max_steps():
+    with pytest.raises(ConfigError, match="set max_steps"):
+        build_config(PT, {**BASE, "streaming": True})
+    assert build_config(PT, {**BASE, "streaming": True, "max_steps": 5}).data.streaming
 
 
 def test_qlora_implies_4bit_loading():

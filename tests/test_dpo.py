@@ -56,9 +56,7 @@ def logged(output: Path, key: str) -> dict[int, float]:
     return {row["step"]: row[key] for row in read_metrics(output / "metrics.jsonl") if key in row}
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch, tokenizer):
-    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture

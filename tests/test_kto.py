@@ -59,9 +59,7 @@ def rows_with(output: Path, key: str) -> list[dict]:
     return [row for row in read_metrics(output / "metrics.jsonl") if key in row]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch, tokenizer):
-    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-import medgpt.stages.rm  # noqa: F401 - registers the stage (the integrator adds it to STAGE_MODULES)
 from conftest import DEMO, ROOT
 from medgpt.arguments import ModelArguments
 from medgpt.config import build_config, check_names, read_yaml
@@ -87,9 +86,7 @@ def pair(question: str, chosen: str, rejected: str) -> PreferencePair:
                           [Message("assistant", rejected)], Source("test", 1))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch, tokenizer):
-    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture

@@ -81,10 +81,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch, tokenizer):
-    """Feature caches per test (the session tokenizer resolved the embedded model from the real cache first)."""
-    monkeypatch.setenv("MEDGPT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -509,7 +506,7 @@ def test_sft_truncation_counts_reach_train_results(sft_options, tmp_path):
 
 
 def test_sft_streaming_is_refused_with_the_reason(sft_options):
-    with pytest.raises(ConfigError, match="streaming is for PT"):
+    with pytest.raises(ConfigError, match="streaming reads corpora larger than memory for PT"):
         run_stage("sft", {**sft_options, "streaming": True})
 
 

@@ -334,6 +334,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("freeze_trainable_layers must be >= 0 (the number of top layers to train)")
     if not (d.train_file_dir or d.dataset_name):
         raise ConfigError("no training data: set train_file_dir (file, folder or glob) or dataset_name")
+    if d.streaming and config.stage != "pt":
+        raise ConfigError(f"streaming reads corpora larger than memory for PT; {config.stage} data is read in full")
     if d.streaming and getattr(t, "max_steps", -1) <= 0:
         raise ConfigError("streaming data has no known length: set max_steps")
     if not 0 <= d.validation_split_percentage < 100:

@@ -192,8 +192,6 @@ def pair_features(chat: ChatFormat, records, max_length: int | None):
 def setup(config: RunConfig):
     """Everything up to a ready trainer: (trainer, job, checkpoint to resume or None)."""
     d, args = config.data, config.training
-    if d.streaming:
-        raise ConfigError("preference data is read in full; streaming is for PT corpora")
     own = reference_free_loss(config)
     data = load_stage_data(d, ("preference",), args.seed)  # validated before any model loads
     start_adapter = start_from_adapter(config)

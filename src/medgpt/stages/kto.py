@@ -167,8 +167,6 @@ def use_disabled_adapter_as_reference(trainer: KTOTrainer, config: RunConfig) ->
 
 def run(config: RunConfig) -> dict:
     d, args = config.data, config.training
-    if d.streaming:
-        raise ConfigError("KTO data is read in full (preference files are small); streaming is for PT corpora")
     check_kto_options(args)
     start_from_adapter(config)  # an unmerged SFT adapter: train it on, its frozen copy is the reference
     if "gradient_checkpointing" not in config.given and "activation_checkpointing" not in config.given:

@@ -185,8 +185,6 @@ def prepare_reward_model(config: RunConfig, tokenizer, context_length: int):
 
 def run(config: RunConfig) -> dict:
     d, rm, args = config.data, config.extra(RewardArguments), config.training
-    if d.streaming:
-        raise ConfigError("reward-model data is read in full (preference files are small); streaming is for PT corpora")
     data = load_stage_data(d, ("preference",), args.seed)  # validated before any model loads
     resume = begin_run(config)
     tokenizer = load_tokenizer(config.model)

@@ -64,8 +64,6 @@ def sft_features(chat: ChatFormat, records, max_length: int, train_on_prompt: bo
 
 def run(config: RunConfig) -> dict:
     d, sft = config.data, config.extra(SFTArguments)
-    if d.streaming:
-        raise ConfigError("SFT data is read in full (conversation files are small); streaming is for PT corpora")
     data = load_stage_data(d, ("conversation",), config.training.seed)  # validated before any model loads
     resume = begin_run(config)
     tokenizer = load_tokenizer(config.model)
