@@ -1,6 +1,8 @@
-"""GPU proof for the causal-LM path: bf16 LoRA training steps with padding-free packing (SDPA, and
-flash-attention varlen when installed), QLoRA on CUDA, tokens/s and MFU, on a 0.5B-class model built from a
-config (random weights, nothing downloaded). `--tiny --device cpu` is the smoke mode the test suite runs.
+"""GPU proof for the causal-LM path: bf16 LoRA training steps with padding-free packing (SDPA, flex
+attention, and flash-attention varlen when installed) against the padded baseline, QLoRA on CUDA, useful
+tokens/s and MFU, and a check that a packed document's logits equal its logits alone, on a 0.5B-class model
+built from a config (random weights, nothing downloaded). `--tiny --device cpu` is the smoke mode the test
+suite runs.
 
     python benchmarks/gpu_check.py                      # on a GPU machine (see gpu_check.sh)
     python benchmarks/gpu_check.py --tiny --device cpu  # seconds, CPU: checks the script itself
@@ -16,7 +18,8 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from medgpt.data.collators import PaddingFreeCollator
+from medgpt.data.collators import PaddedCollator, PaddingFreeCollator
+from medgpt.models.attention import PACKED_SDPA, register_packed_attention
 from medgpt.training.trainer import use_chunked_loss
 
 # Dense bf16 peak of the cards we meet, TFLOP/s (no sparsity).
@@ -33,12 +36,28 @@ def qwen_05b_config(tiny: bool) -> Qwen2Config:
                        tie_word_embeddings=True, rope_theta=1_000_000.0)
 
 
-def packed_batch(vocab: int, lengths: list[int], generator: torch.Generator) -> dict:
+def make_batch(vocab: int, lengths: list[int], generator: torch.Generator, padded: bool) -> dict:
+    """The same samples as one padding-free row, or padded to the longest (the baseline)."""
     features = []
     for n in lengths:
         ids = torch.randint(10, vocab, (n,), generator=generator).tolist()
         features.append({"input_ids": ids, "labels": ids, "position_ids": list(range(n))})
-    return PaddingFreeCollator()(features)
+    return PaddedCollator(pad_token_id=0)(features) if padded else PaddingFreeCollator()(features)
+
+
+def packed_equals_alone(config, device: str, attention: str) -> float:
+    """Largest |logit difference| of the second document of a packed row vs that document alone (bf16 on GPU)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(dtype).to(device).eval()
+    model.config._attn_implementation = attention
+    first, second = torch.randint(10, config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    row = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(96), torch.arange(96)])[None].to(device)
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, 96:]
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0]
+    return float((packed.float() - alone.float()).abs().max())
 
 
 def build(config, dtype, attention: str, device: str, quantize: bool):
@@ -65,8 +84,11 @@ def build(config, dtype, attention: str, device: str, quantize: bool):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def run(name: str, config, args, attention: str, quantize: bool = False) -> dict:
+def run(name: str, config, args, attention: str, quantize: bool = False, padded: bool = False) -> dict:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = build(config, dtype, attention, args.device, quantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -74,7 +96,8 @@ def run(name: str, config, args, attention: str, quantize: bool = False) -> dict
     tokens = elapsed = 0.0
     losses = []
     for step in range(args.steps):
-        batch = {k: v.to(args.device) for k, v in packed_batch(config.vocab_size, lengths, generator).items()}
+        batch = make_batch(config.vocab_size, lengths, generator, padded)
+        batch = {k: v.to(args.device) for k, v in batch.items()}
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -87,7 +110,7 @@ def run(name: str, config, args, attention: str, quantize: bool = False) -> dict
             torch.cuda.synchronize()
         if step >= args.warmup:
             elapsed += time.perf_counter() - start
-            tokens += batch["input_ids"].numel()
+            tokens += sum(lengths)  # useful tokens: padding does not count
         losses.append(float(loss.detach()))
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = tokens / elapsed
@@ -100,7 +123,6 @@ def run(name: str, config, args, attention: str, quantize: bool = False) -> dict
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
         result.update(gpu=card, peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       mfu=round(flops / (peak * 1e12), 3) if peak else None)
-        torch.cuda.reset_peak_memory_stats()
     return result
 
 
@@ -110,15 +132,32 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script, measures nothing")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--flex", action="store_true", help="also flex attention (torch.compile: slow first step)")
     args = parser.parse_args()
     config = qwen_05b_config(args.tiny)
-    results = [run("bf16 LoRA, packed, sdpa", config, args, "sdpa")]
-    if args.device == "cuda" and importlib.util.find_spec("flash_attn"):
-        results.append(run("bf16 LoRA, packed, flash_attention_2 varlen", config, args, "flash_attention_2"))
+    register_packed_attention()
+    plans = [("bf16 LoRA, padded, sdpa (baseline)", "sdpa", {"padded": True}),
+             ("bf16 LoRA, packed, sdpa block-diagonal mask", "sdpa", {}),
+             ("bf16 LoRA, packed, sdpa per document (ours)", PACKED_SDPA, {})]
     if args.device == "cuda" and importlib.util.find_spec("bitsandbytes"):
-        results.append(run("QLoRA NF4, packed, sdpa", config, args, "sdpa", quantize=True))
-    for result in results:
-        print(json.dumps(result))
+        plans.append(("QLoRA NF4, packed, sdpa per document", PACKED_SDPA, {"quantize": True}))
+    if args.device == "cuda" and importlib.util.find_spec("flash_attn"):
+        plans.append(("bf16 LoRA, packed, flash_attention_2 varlen", "flash_attention_2", {}))
+    if args.device == "cuda" and args.flex:  # compiles first: minutes on a cold machine
+        plans.append(("bf16 LoRA, packed, flex_attention", "flex_attention", {}))
+    baseline = None
+    for name, attention, options in plans:
+        try:  # one failing path must not hide the others' numbers
+            result = run(name, config, args, attention, **options)
+        except Exception as err:  # noqa: BLE001 - reported, not swallowed
+            print(json.dumps({"run": name, "error": f"{type(err).__name__}: {err}"[:500]}), flush=True)
+            continue
+        baseline = baseline or result["tokens_per_s"]
+        result["vs_padded"] = round(result["tokens_per_s"] / baseline, 2)
+        print(json.dumps(result), flush=True)
+    attentions = ["sdpa", "eager", PACKED_SDPA]
+    check = {a: packed_equals_alone(config, args.device, a) for a in attentions}
+    print(json.dumps({"run": "packed document logits vs alone, max abs diff", **check}))
 
 
 if __name__ == "__main__":

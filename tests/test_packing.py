@@ -10,6 +10,7 @@ from medgpt.data.collators import PaddedCollator, PaddingFreeCollator, sample_le
 from medgpt.data.processors import IGNORE, SFTStats, encode_sft, pack_documents
 from medgpt.data.records import Conversation, Message, Source
 from medgpt.data.templates import ChatFormat
+from medgpt.models.attention import PACKED_SDPA, document_starts, register_packed_attention
 from medgpt.training.loss import chunked_lm_loss
 from medgpt.training.trainer import NEFTune, use_chunked_loss
 
@@ -40,8 +41,9 @@ def test_positions_restart_at_each_document_and_block_and_starts_are_not_predict
     assert blocks[0]["labels"] == [IGNORE, 101, 102, IGNORE, 201]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_samples_do_not_attend_across_boundaries(tiny_model_dir, attention):
+    register_packed_attention()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     first, second = doc(7, 500), doc(6, 900)
     packed = PaddingFreeCollator()([
@@ -55,6 +57,45 @@ def test_packed_samples_do_not_attend_across_boundaries(tiny_model_dir, attentio
         first_alone = model(input_ids=torch.tensor([first])).logits[0]
     torch.testing.assert_close(together[7:], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together[:7], first_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_per_document_attention_equals_the_block_diagonal_mask_in_training(tiny_model_dir):
+    """Same loss and same gradients as transformers' block-diagonal SDPA mask, with dropout off."""
+    register_packed_attention()
+    samples = [{"input_ids": doc(n, 100 * i), "labels": doc(n, 100 * i), "position_ids": list(range(n))}
+               for i, n in enumerate([11, 4, 17, 1, 9], start=1)]
+    batch = PaddingFreeCollator()(samples)
+    results = []
+    for attention in ("sdpa", PACKED_SDPA):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+        assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query heads too
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_per_document_attention_leaves_padded_batches_and_generation_alone(tiny_model_dir):
+    register_packed_attention()
+    assert document_starts(torch.tensor([[0, 1, 2, 0, 1]])) == [0, 3]
+    assert document_starts(torch.tensor([[0, 1, 2, 3]])) is None  # one document: plain SDPA
+    assert document_starts(torch.tensor([[1, 1, 0, 1]])) is None  # left-padded generation prompt
+    assert document_starts(torch.tensor([[0, 1, 0], [0, 1, 2]])) is None  # a padded batch
+    padded = PaddedCollator(pad_token_id=0)([{"input_ids": doc(6), "labels": doc(6), "position_ids": list(range(6))},
+                                             {"input_ids": doc(3, 50), "labels": doc(3, 50), "position_ids": [0, 1, 2]}])
+    prompt = torch.tensor([doc(5, 40)])
+    outputs = {}
+    for attention in ("sdpa", PACKED_SDPA):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+        with torch.no_grad():
+            logits = model(**padded).logits
+            generated = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        outputs[attention] = logits, generated
+    torch.testing.assert_close(outputs["sdpa"][0], outputs[PACKED_SDPA][0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(outputs["sdpa"][1], outputs[PACKED_SDPA][1])
 
 
 def test_padding_free_collator_masks_each_samples_first_token():

@@ -270,6 +270,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the annotated type (PyYAML reads `2e-5` as a string, CLI gives strings)."""
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(value, bool) and bool not in (annotation, *args) and annotation is not typing.Any:
+        # YAML 1.1 reads a bare `no` / `yes` as a boolean: `eval_strategy: no` means the string "no"
+        value = "yes" if value else "no"
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None

@@ -120,6 +120,8 @@ def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, An
     args.remove_unused_columns = False
     args.prediction_loss_only = True
     collator = PaddingFreeCollator() if job.packing else PaddedCollator(job.tokenizer.pad_token_id)
+    if job.packing:
+        use_packed_attention(model)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=job.train, eval_dataset=job.eval, data_collator=collator,
         processing_class=job.tokenizer, callbacks=standard_callbacks(output), neftune_alpha=neftune,
@@ -133,6 +135,16 @@ def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, An
     metrics.update(world_size=args.world_size, global_step=trainer.state.global_step, **job.stats)
     save_final(trainer, job, metrics)
     return metrics
+
+
+def use_packed_attention(model) -> None:
+    """Packed rows under SDPA: attend per document instead of through one block-diagonal mask (same result)."""
+    from medgpt.models.attention import register_packed_attention, set_attention
+
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    if config._attn_implementation == "sdpa":
+        set_attention(model, register_packed_attention())
+        logger.info("attention: SDPA per packed document (sdpa_packed)")
 
 
 def standard_callbacks(output_dir: str | Path) -> list:
@@ -172,9 +184,22 @@ def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple 
         plot_losses(output / METRICS_FILE, output / "loss.png", f"{config.stage}: loss")
         for keys, name, title in plots:  # stage-specific pictures, e.g. rewards or KL
             plot_series(read_metrics(output / METRICS_FILE), list(keys), output / name, f"{config.stage}: {title}")
+        metrics.update(peak_memory(trainer.args.device))
         (output / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
         logger.info("saved %s to %s", "adapter" if config.adapter.use_peft else "model", output)
     trainer.accelerator.wait_for_everyone()
+
+
+def peak_memory(device) -> dict[str, float]:
+    """This process's peak host memory (RSS), and the accelerator's peak allocation where there is one."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # KiB on Linux
+    if torch.device(device).type == "cuda":
+        peak["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return peak
 
 
 def write_samples(model, job: TrainingJob, path: Path) -> None:
