@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -132,17 +132,26 @@ class GenerationEngine:
             reason = "stop"  # a multi-token stop string ended generation
         return Completion(text.strip(), 0, len(kept) if cut is not None else len(new_ids), reason)
 
-    @torch.inference_mode()
     def generate(self, conversations: list[list[Message]], params: SamplingParams | None = None,
                  tools: list[dict] | None = None, batch_size: int = 8) -> list[Completion]:
         """Answer each conversation (its last turn is the user's); batches are left-padded."""
+        return self.generate_ids([self.chat_format.prompt_ids(c, tools) for c in conversations], params, batch_size)
+
+    def text_prompt_ids(self, text: str) -> list[int]:
+        """A raw text prompt (no chat template), tokenised as the tokenizer does by default."""
+        return self.tokenizer.encode(text)
+
+    @torch.inference_mode()
+    def generate_ids(self, all_prompts: list[list[int]], params: SamplingParams | None = None,
+                     batch_size: int = 8) -> list[Completion]:
+        """Continue each prompt of token ids (a rendered chat prompt or raw text)."""
         params = params or SamplingParams()
         results: list[Completion] = []
         with self.lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            for start in range(0, len(conversations), batch_size):
-                prompts = [self.chat_format.prompt_ids(c, tools) for c in conversations[start:start + batch_size]]
+            for start in range(0, len(all_prompts), batch_size):
+                prompts = all_prompts[start:start + batch_size]
                 ids, mask = self._left_padded(prompts)
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generation_kwargs(params))
                 for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
@@ -154,15 +163,28 @@ class GenerationEngine:
     # ---------------------------------------------------------------------------------------- streaming
 
     def stream(self, messages: list[Message], params: SamplingParams | None = None,
-               tools: list[dict] | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (a background thread runs `generate`)."""
-        from transformers import TextIteratorStreamer
+               tools: list[dict] | None = None,
+               on_finish: Callable[[Completion], None] | None = None) -> Iterator[str]:
+        """Yield the answer to a conversation in text pieces as they are generated."""
+        return self.stream_ids(self.chat_format.prompt_ids(messages, tools), params, on_finish)
+
+    def stream_ids(self, prompt: list[int], params: SamplingParams | None = None,
+                   on_finish: Callable[[Completion], None] | None = None) -> Iterator[str]:
+        """Yield the continuation of a token-id prompt in text pieces (a background thread runs `generate`).
+
+        Generation stops as soon as the reader stops (a stop string was hit, or the iterator was closed because
+        a client hung up), so no tokens are computed for nobody. `on_finish` gets the finished Completion
+        (token counts, finish reason), which the text pieces alone cannot tell.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         params = params or SamplingParams()
-        prompt = self.chat_format.prompt_ids(messages, tools)
         ids, mask = self._left_padded([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=ids, attention_mask=mask, streamer=streamer, **self._generation_kwargs(params))
+        cancelled = threading.Event()
+        kwargs = dict(input_ids=ids, attention_mask=mask, streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancelled)]),
+                      **self._generation_kwargs(params))
         errors: list[BaseException] = []
 
         def run():
@@ -170,7 +192,11 @@ class GenerationEngine:
                 with self.lock, torch.inference_mode():
                     if params.seed is not None:
                         torch.manual_seed(params.seed)
-                    self.model.generate(**kwargs)
+                    out = self.model.generate(**kwargs)
+                if on_finish is not None:
+                    completion = self._finish(out[0, ids.shape[1]:].tolist(), params)
+                    completion.prompt_tokens = len(prompt)
+                    on_finish(completion)
             except BaseException as err:  # surfaced in the caller's thread below
                 errors.append(err)
                 streamer.end()
@@ -179,15 +205,28 @@ class GenerationEngine:
         thread.start()
         text = ""
         stops = [s for s in (*self.chat_format.stop_strings, *params.stop) if s]
-        for piece in streamer:
-            text += piece
-            hit = next((s for s in stops if s in text), None)
-            if hit:
-                piece = piece[: len(piece) - (len(text) - text.index(hit))]
-                if piece:
-                    yield piece
-                break
-            yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                text += piece
+                hit = next((s for s in stops if s in text), None)
+                if hit:
+                    piece = piece[: len(piece) - (len(text) - text.index(hit))]
+                    if piece:
+                        yield piece
+                    break
+                yield piece
+        finally:
+            cancelled.set()
+            thread.join()
         if errors:
             raise errors[0]
+
+
+class _StopWhenSet:
+    """A stopping criterion that ends generation once its event is set (the stream's reader went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

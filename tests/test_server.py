@@ -1,0 +1,339 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from medgpt.cli import main
+from medgpt.data.records import Message
+from medgpt.serve import check_api_exposure
+from medgpt.serve.api import ServerSettings, create_app
+from medgpt.serve.engine import GenerationEngine, SamplingParams
+from medgpt.serve.protocol import safe_prefix_length, split_tool_calls
+
+MODEL = "tiny"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@contextlib.contextmanager
+def running(app):
+    """A real uvicorn server on 127.0.0.1 and a free port, in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def client(base: str, key: str = "unused", retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=retries, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine(learnable_model_dir):
+    # the large-init tiny model: its greedy answers differ from prompt to prompt (the small-init one says "\n"s)
+    return GenerationEngine.load(str(learnable_model_dir))
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with running(create_app(engine, ServerSettings(MODEL, max_tokens_limit=64))) as url:
+        yield url
+
+
+def greedy(engine, question: str, tokens: int = 8) -> str:
+    return engine.generate([[Message("user", question)]], SamplingParams(max_new_tokens=tokens, temperature=0))[0].text
+
+
+# ------------------------------------------------------------------------------------------- answers
+
+
+def test_chat_completion_is_the_engine_answer_with_usage(engine, base_url):
+    reply = client(base_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is anaemia?"}], temperature=0, max_tokens=8)
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert reply.choices[0].message.content == greedy(engine, "What is anaemia?")
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(engine.chat_format.prompt_ids([Message("user", "What is anaemia?")]))
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+
+
+def test_streamed_chat_sends_the_same_answer_then_done(engine, base_url):
+    chunks = list(client(base_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is anaemia?"}], temperature=0, max_tokens=8,
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+    assert text.strip() == greedy(engine, "What is anaemia?")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+    raw = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+    two = list(client(base_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is anaemia?"}], temperature=0, max_tokens=8,
+        stream=True, n=2))
+    for index in (0, 1):
+        pieces = [c.choices[0].delta.content or "" for c in two if c.choices and c.choices[0].index == index]
+        assert "".join(pieces).strip() == greedy(engine, "What is anaemia?")
+
+
+def test_text_completions_continue_the_raw_prompt(engine, base_url):
+    expected = engine.generate_ids([engine.text_prompt_ids("The heart pumps")],
+                                   SamplingParams(max_new_tokens=6, temperature=0))[0]
+    reply = client(base_url).completions.create(model=MODEL, prompt="The heart pumps", max_tokens=6, temperature=0)
+    assert reply.choices[0].text == expected.text
+    assert reply.usage.prompt_tokens == len(engine.text_prompt_ids("The heart pumps"))
+    streamed = client(base_url).completions.create(model=MODEL, prompt="The heart pumps", max_tokens=6,
+                                                   temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed).strip() == expected.text
+
+
+def test_n_seed_and_stop(engine, base_url):
+    api = client(base_url)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Name a vitamin."}], max_tokens=10)
+    first = api.chat.completions.create(**ask, n=3, temperature=1.0, seed=7)
+    again = api.chat.completions.create(**ask, n=3, temperature=1.0, seed=7)
+    assert len(first.choices) == 3 and [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert first.usage.completion_tokens == sum(10 for _ in first.choices)
+    words = greedy(engine, "Name a vitamin.", 10).split()
+    stop = words[len(words) // 2]
+    cut = api.chat.completions.create(**ask, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].message.content
+    assert greedy(engine, "Name a vitamin.", 10).startswith(cut.choices[0].message.content)
+
+
+def test_eight_concurrent_clients_each_get_their_own_answer(engine, base_url):
+    questions = [f"Question {i}: what helps a {topic}?" for i, topic in enumerate(
+        ["headache", "cough", "burn", "fever", "rash", "sprain", "cold", "bruise"])]
+    expected = {q: greedy(engine, q, 6) for q in questions}
+    assert len(set(expected.values())) == len(questions)  # distinct answers, so a mix-up would show
+
+    def ask_three_times(question: str) -> list[str]:
+        api = client(base_url)
+        return [api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                            temperature=0, max_tokens=6).choices[0].message.content
+                for _ in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = dict(zip(questions, pool.map(ask_three_times, questions)))
+    assert all(answers[q] == [expected[q]] * 3 for q in questions), answers
+
+
+# ------------------------------------------------------------------------------------------- tool calls
+
+
+@pytest.fixture(scope="module")
+def tool_calling_engine(tmp_path_factory, tokenizer):
+    """A tiny model taught (by heart) to answer one question with a get_weather call in the template's format."""
+    from conftest import make_tiny_model
+
+    engine = GenerationEngine.load(str(make_tiny_model(tmp_path_factory.mktemp("tool-model"), tokenizer, hidden=64)))
+    tools = [WEATHER_TOOL["function"]]
+    prompt = engine.chat_format.prompt_ids([Message("user", "Weather in Paris?")], tools)
+    answer = tokenizer.encode(WEATHER_CALL + "<|im_end|>", add_special_tokens=False)
+    ids, target = torch.tensor([prompt + answer]), torch.tensor(answer)
+    model = engine.model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        logits = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1]
+        if torch.equal(logits.argmax(-1), target):  # greedy decoding now reproduces the call
+            break
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        optimizer.step()
+    else:
+        pytest.fail("the tiny model did not learn the tool call")
+    model.eval()
+    return engine
+
+
+def test_tool_calls_come_back_in_openai_shape(tool_calling_engine):
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL],
+               temperature=0, max_tokens=40)
+    with running(create_app(tool_calling_engine, ServerSettings(MODEL))) as url:
+        api = client(url)
+        reply = api.chat.completions.create(**ask)
+        chunks = list(api.chat.completions.create(**ask, stream=True))
+        plain = api.chat.completions.create(**{**ask, "tool_choice": "none"})
+        call = reply.choices[0].message.tool_calls[0]
+        result = [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]
+        follow_up = api.chat.completions.create(**{**ask, "messages": ask["messages"] + result, "max_tokens": 3})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    streamed_calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in streamed_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert not any("<tool_call>" in (c.choices[0].delta.content or "") for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert plain.choices[0].message.tool_calls is None  # tools withheld: the model's text is plain content
+    assert follow_up.usage.prompt_tokens > reply.usage.prompt_tokens  # the call and its result went back in
+
+
+def test_tool_call_text_parsing():
+    content, calls = split_tool_calls(f"Let me check.\n{WEATHER_CALL}")
+    assert content == "Let me check." and calls[0]["function"]["name"] == "get_weather"
+    assert split_tool_calls("<tool_call>\nnot json\n</tool_call>") == ("<tool_call>\nnot json\n</tool_call>", [])
+    assert split_tool_calls("no call here") == ("no call here", [])
+    assert safe_prefix_length("Sure <tool_") == len("Sure ")  # may be the start of a call: held back
+    assert safe_prefix_length("Sure <b>") == len("Sure <b>")
+
+
+# ------------------------------------------------------------------------------------------- safety
+
+
+def test_api_key_is_required_when_set(engine):
+    with running(create_app(engine, ServerSettings(MODEL, api_key="s3cret"))) as url:
+        with pytest.raises(openai.AuthenticationError) as denied:
+            client(url, key="wrong").models.list()
+        assert denied.value.body["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert [m.id for m in client(url, key="s3cret").models.list()] == [MODEL]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"  # probes need no key
+
+
+def test_listening_beyond_loopback_needs_a_key(tiny_model_dir, capsys):
+    check_api_exposure("127.0.0.1", None)
+    check_api_exposure("::1", None)
+    with pytest.raises(ValueError, match="--api-key"):
+        check_api_exposure("0.0.0.0", None)
+    check_api_exposure("0.0.0.0", "key")
+    assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 2
+    assert "API key" in capsys.readouterr().err
+
+
+def test_bad_requests_get_openai_errors(base_url):
+    api = client(base_url)
+    user = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as too_many:
+        api.chat.completions.create(model=MODEL, messages=user, max_tokens=65)
+    assert "limit of 64" in too_many.value.body["message"] and too_many.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        api.chat.completions.create(model="gpt-4", messages=user)
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as order:
+        api.chat.completions.create(model=MODEL, messages=[*user, {"role": "assistant", "content": "Hello"}])
+    assert order.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        api.chat.completions.create(model=MODEL, messages=user, presence_penalty=1.0)
+    assert "presence_penalty" in unsupported.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as long_prompt:
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 600}])
+    assert long_prompt.value.body["code"] == "context_length_exceeded"
+    huge = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 1_100_000}]})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    with pytest.raises(openai.BadRequestError, match="token ids must be below"):
+        api.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
+    missing = httpx.get(f"{base_url}/v1/nothing")
+    assert missing.status_code == 404 and "message" in missing.json()["error"]
+
+
+def test_full_queue_answers_503_and_a_closed_stream_frees_it(engine):
+    user = [{"role": "user", "content": "Tell me everything about the liver."}]
+    with running(create_app(engine, ServerSettings(MODEL, max_pending=1))) as url:
+        api = client(url)
+        stream = api.chat.completions.create(model=MODEL, messages=user, max_tokens=400, temperature=0, stream=True)
+        next(iter(stream))  # the request holds the only slot now
+        with pytest.raises(openai.InternalServerError) as busy:
+            api.chat.completions.create(model=MODEL, messages=user, max_tokens=2)
+        assert busy.value.status_code == 503 and busy.value.body["code"] == "server_overloaded"
+        stream.close()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.chat.completions.create(model=MODEL, messages=user, max_tokens=2).choices[0].message.content
+
+
+def test_closing_a_stream_stops_generation(engine):
+    finished = []
+    pieces = engine.stream([Message("user", "Tell me everything about the liver.")],
+                           SamplingParams(max_new_tokens=400, temperature=0), on_finish=finished.append)
+    next(pieces)
+    pieces.close()
+    assert finished and finished[0].completion_tokens < 400
+
+
+# ------------------------------------------------------------------------------------------- vLLM
+
+
+def fake_python(path, with_vllm: bool):
+    """An interpreter stand-in: answers the vLLM probe, and records the server command and its API key."""
+    probe = 'echo 0.33.0' if with_vllm else "echo \"ModuleNotFoundError: No module named 'vllm'\" >&2; exit 1"
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then {probe}; exit 0; fi\n'
+                    f'printf "%s\\n" "$@" > "{path}.args"\necho "$VLLM_API_KEY" > "{path}.key"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_vllm_engine_serves_base_plus_adapter_with_the_trained_template(tiny_model_dir, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.data.templates import ChatFormat
+
+    adapter = tmp_path / "sft"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(adapter)
+    ChatFormat(tokenizer).save(adapter)
+    python = fake_python(tmp_path / "python", with_vllm=True)
+    assert main(["serve", "--engine", "vllm", "--vllm-python", str(python), "--model", str(adapter),
+                 "--host", "0.0.0.0", "--port", "8011", "--api-key", "k3y", "--vllm-args", "--max-model-len 2048"]) == 0
+    args = (tmp_path / "python.args").read_text().splitlines()
+    assert args[:6] == ["-m", "vllm.entrypoints.openai.api_server", "--host", "0.0.0.0", "--port", "8011"]
+    assert args[args.index("--model") + 1] == str(tiny_model_dir)
+    assert args[args.index("--lora-modules") + 1] == f"sft={adapter}" and "--enable-lora" in args
+    assert args[args.index("--max-lora-rank") + 1] == "4"
+    assert args[args.index("--chat-template") + 1] == str(adapter / "chat_template.jinja")
+    assert args[-2:] == ["--max-model-len", "2048"]
+    assert "k3y" not in args and (tmp_path / "python.key").read_text().strip() == "k3y"  # by environment
+
+
+def test_vllm_engine_explains_a_missing_vllm(tiny_model_dir, tmp_path, capsys):
+    python = fake_python(tmp_path / "python", with_vllm=False)
+    assert main(["serve", "--engine", "vllm", "--vllm-python", str(python), "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import vllm (ModuleNotFoundError: No module named 'vllm')" in err and "pip install vllm" in err
+    assert main(["serve", "--engine", "vllm", "--vllm-python", str(tmp_path / "nope"), "--model", "x"]) == 2
+    assert "no such Python interpreter" in capsys.readouterr().err
+    assert not (tmp_path / "python.args").exists()
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_a_medical_question_over_the_api(embedded_dir):
+    question = [{"role": "user", "content": "What is the normal human body temperature in Celsius?"}]
+    with running(create_app(GenerationEngine.load("smollm2-135m"), ServerSettings("smollm2-135m"))) as url:
+        chunks = list(client(url).chat.completions.create(model="smollm2-135m", messages=question, temperature=0,
+                                                          max_tokens=160, stream=True))
+    assert "37" in "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"  # the model's end-of-turn, not the token limit
