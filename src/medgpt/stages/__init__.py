@@ -26,6 +26,9 @@ STAGE_MODULES: tuple[str, ...] = (
     "medgpt.stages.rm",
     "medgpt.stages.dpo",
     "medgpt.stages.kto",
+    "medgpt.stages.grpo",
+    "medgpt.stages.distill",
+    "medgpt.stages.ppo",
 )
 
 

@@ -1,0 +1,1 @@
+"""Reinforcement learning from feedback: prompts for rollouts, our PPO trainer, reward functions."""

@@ -1,0 +1,141 @@
+"""Reward functions on real strings, called the way TRL calls them (prompts, completions, completion_ids and the
+dataset's columns as keyword arguments), plus a user's module:function and the reward model as a reward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medgpt.data.records import Message
+from medgpt.rl import rewards
+from medgpt.rl.trl_prompts import encode_conversation
+
+
+def chat(*texts: str) -> list[list[dict]]:
+    """Completions as TRL passes them for conversational prompts."""
+    return [[{"role": "assistant", "content": t}] for t in texts]
+
+
+def score(function, completions, references, kinds=None, **kwargs):
+    kinds = kinds or ["text"] * len(references)
+    return function(prompts=[[{"role": "user", "content": "q"}]] * len(completions), completions=completions,
+                    completion_ids=[[1, 2]] * len(completions), reference=references, reference_kind=kinds, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ key terms
+
+
+def test_key_terms_drop_function_words_and_plurals_and_split_chinese_by_character():
+    assert rewards.key_terms("The kidneys filter the Blood.") == ["kidney", "filter", "blood"]
+    assert rewards.key_terms("Do not take aspirin") == ["not", "take", "aspirin"]  # negations carry meaning
+    assert rewards.key_terms("60 to 100 beats per minute") == ["60", "100", "beat", "minute"]
+    assert rewards.key_terms("胰岛素是降血糖的") == ["胰", "岛", "素", "降", "血", "糖"]
+    assert rewards.key_terms("diabetes, glass") == ["diabete", "glass"]  # one stem for both sides
+
+
+def test_answer_f1_scores_free_text_against_the_reference():
+    refs = ["Insulin"] * 4
+    got = score(rewards.answer_f1, chat("Insulin.", "Insulin, made by the pancreas, lowers glucose.",
+                                        "Glucagon raises it.", ""), refs)
+    assert got[0] == 1.0
+    assert got[1] == pytest.approx(2 * (1 / 5) * 1 / (1 / 5 + 1))  # 1 of 5 answer terms, the 1 reference term
+    assert got[2] == 0.0 and got[3] == 0.0
+
+
+def test_answer_recall_rewards_mentioning_every_key_term_in_english_and_chinese():
+    refs = ["60 to 100 beats per minute", "60 to 100 beats per minute", "胰岛素"]
+    got = score(rewards.answer_recall, chat("A resting adult heart beats 60-100 times a minute, 60–100 beats.",
+                                            "About 60 beats.", "答案是胰岛素。"), refs)
+    assert got == [1.0, pytest.approx(2 / 4), 1.0]
+
+
+def test_answer_rewards_score_only_the_answer_block_of_a_reasoning_completion():
+    text = "<think>Glucagon? No, the hormone is insulin.</think>\n<answer>Insulin</answer>"
+    assert score(rewards.answer_f1, chat(text), ["Insulin"]) == [1.0]
+    assert score(rewards.answer_f1, ["<think>liver or kidney</think> The liver"], ["The liver"]) == [1.0]
+
+
+def test_rows_without_a_reference_get_none_so_trl_leaves_them_out():
+    assert score(rewards.answer_f1, chat("Insulin"), [None], ["none"]) == [None]
+    assert score(rewards.choice_match, chat("B"), ["Insulin"], ["text"]) == [None]
+
+
+# ------------------------------------------------------------------------------------------------ choices
+
+
+@pytest.mark.parametrize("answer,letter", [
+    ("B", "B"), ("B. Insulin", "B"), ("(C) the liver", "C"), ("The answer is D.", "D"), ("Answer: a", None),
+    ("answer: A", "A"), ("答案是B", "B"), ("答案：C", "C"), ("A fever is a raised temperature", None),
+    ("I think it is insulin", None),
+])
+def test_chosen_letter_reads_common_answer_forms(answer, letter):
+    assert rewards.chosen_letter(answer) == letter
+
+
+def test_choice_rows_are_scored_by_exact_letter_match_in_every_answer_reward():
+    completions = chat("Answer: B", "C", "I am not sure")
+    for function in (rewards.choice_match, rewards.answer_f1, rewards.answer_recall):
+        assert score(function, completions, ["B", "b", "B"], ["choice"] * 3) == [1.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------ format, length
+
+
+def test_format_reward_needs_the_whole_completion_in_the_pattern():
+    good = "<think>fever means infection or inflammation</think>\n<answer>See a doctor</answer>  "
+    got = rewards.format_reward(completions=chat(good, "<answer>x</answer>", good + " extra"))
+    assert got == [1.0, 0.0, 0.0]
+    assert rewards.format_reward(completions=["Yes."], pattern=r"[A-Z].*\.") == [1.0]
+
+
+def test_length_penalty_is_zero_to_start_then_falls_linearly_to_minus_one():
+    ids = [[0] * n for n in (3, 10, 15, 20, 30)]
+    assert rewards.length_penalty(completion_ids=ids, start=10, limit=20) == [0.0, 0.0, -0.5, -1.0, -1.0]
+
+
+# ------------------------------------------------------------------------------------------------ user functions
+
+
+def test_user_function_is_imported_from_a_file_or_a_module(tmp_path, monkeypatch):
+    path = tmp_path / "my_rewards.py"
+    path.write_text("def polite(completions, **kw):\n    return [float('please' in c) for c in completions]\n")
+    from_file = rewards.load_user_function(f"{path}:polite")
+    assert from_file(completions=["please rest", "rest"]) == [1.0, 0.0]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert rewards.load_user_function("my_rewards:polite")(completions=["please"]) == [1.0]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("nonsense", "not a built-in"), ("missing_file.py:f", "no such file"), ("math:no_such_function", "has no function"),
+])
+def test_bad_user_function_specs_say_what_is_wrong(spec, match):
+    with pytest.raises(ValueError, match=match):
+        rewards.load_user_function(spec)
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+
+
+def test_reward_model_reward_scores_the_rows_exact_conversation_plus_the_completion(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from medgpt.models.reward import RewardModelScorer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer.load(str(tmp_path / "rm"))
+    reward = rewards.RewardModelReward(scorer)
+    prompt = [Message("system", "You are a careful nurse."), Message("user", "Is 39 °C a fever?")]
+    tools = [{"name": "lookup", "description": "look a drug up", "parameters": {}}]
+    rows = [encode_conversation(prompt, tools), encode_conversation(prompt[1:], None)]
+    got = reward(prompts=[[], []], completions=chat("Yes, it is.", "Yes."), conversation=rows)
+    dialogues = [[*prompt, Message("assistant", "Yes, it is.")], [*prompt[1:], Message("assistant", "Yes.")]]
+    expected = scorer.score(dialogues, [tools, None])
+    assert got == pytest.approx(expected) and all(math.isfinite(v) for v in got)
+    assert reward.__name__ == "reward_model"
