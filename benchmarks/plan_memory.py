@@ -3,8 +3,8 @@
 On CUDA the measure is `torch.cuda.max_memory_allocated` (what the formulas model; the plan's CUDA-context and
 fragmentation line is left out of the comparison); on CPU it is the growth of peak RSS (VmHWM) over the RSS
 after the model is ready, which includes allocator and library noise (hence the wide tolerance in
-tests/test_plan.py). Both compare gradients + optimizer states + activations + logits, the memory a step adds
-to the loaded model; on CUDA the loaded weights are compared too.
+tests/test_plan.py). Both compare what a step adds to the loaded model (optimizer states, then the larger of
+activations + logits and gradients: `medgpt.plan.peak`); on CUDA the loaded weights are compared too.
 
     python benchmarks/plan_memory.py --device cuda                       # built-in shapes, random weights
     python benchmarks/plan_memory.py --device cpu --model smollm2-135m --cases lora,full --batch 2 --length 256
@@ -124,7 +124,7 @@ def step(model, optimizer, setup, device: str, packed: bool) -> None:
 def measure(source: str, fields: dict, device: str) -> dict:
     import torch
 
-    from medgpt.plan import GiB, Hardware, Setup, estimate, model_shape
+    from medgpt.plan import GiB, Hardware, Setup, estimate, model_shape, peak
 
     fields = dict(fields)
     packed = fields.pop("packed", False)
@@ -144,14 +144,14 @@ def measure(source: str, fields: dict, device: str) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM (peak RSS) from the current RSS
     for _ in range(2):  # the first step allocates the optimizer states; the second is the steady state
         step(model, optimizer, setup, device, packed)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes("VmHWM")
+    highest = torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes("VmHWM")
     hardware = Hardware(device, 80.0, True, cuda=device == "cuda")
     plan = estimate(model_shape(config), setup, hardware)
     lines = {line.label: line.bytes for line in plan.lines}
-    expected = sum(value for label, value in lines.items() if label not in NOT_GROWTH)
+    expected = peak([line for line in plan.lines if line.label not in NOT_GROWTH])
     result = {"source": source, "device": device, **fields, "packed": packed, "trainable": plan.trainable,
-              "measured_gib": round((peak - base) / GiB, 3), "estimated_gib": round(expected / GiB, 3),
-              "ratio": round(expected / max(peak - base, 1), 3),
+              "measured_gib": round((highest - base) / GiB, 3), "estimated_gib": round(expected / GiB, 3),
+              "ratio": round(expected / max(highest - base, 1), 3),
               "estimate": {label: round(value / GiB, 3) for label, value in lines.items()}}
     if device == "cuda":
         result.update(weights_measured_gib=round(base / GiB, 3), weights_estimated_gib=round(lines["weights"] / GiB, 3),
