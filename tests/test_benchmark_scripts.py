@@ -17,3 +17,21 @@ def test_gpu_check_runs_in_tiny_cpu_mode():
     assert runs[0]["vs_padded"] == 1.0
     # float32 on CPU: the packed document sees exactly what it sees alone
     assert check["sdpa"] < 1e-4 and check["eager"] < 1e-4 and check["sdpa_packed"] < 1e-4
+
+
+def test_rl_throughput_runs_in_tiny_mode_and_ends_with_the_summary_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rl_throughput.py"), "--tiny",
+                          "--output", str(tmp_path / "rl.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fields = dict(pair.split("=") for pair in out.stdout.strip().splitlines()[-1].split())
+    assert list(fields) == ["ppo_steps_per_min", "grpo_steps_per_min", "ppo_peak_rss_gb", "ppo_over_grpo_step_time"]
+    ppo, grpo, rss, ratio = (float(v) for v in fields.values())
+    assert ppo > 0 and grpo > 0 and rss > 0
+    assert abs(ratio - grpo / ppo) < 0.02 * ratio + 0.01  # step-time ratio = inverse steps/min ratio (2 decimals)
+    results = json.loads((tmp_path / "rl.json").read_text())["results"]
+    for side in ("ppo", "grpo"):  # the same work per step: one generate call of 4 completions, at most 8 new tokens
+        steps = results[side]["per_step"]
+        assert len(steps) == 3 and results[side]["timed_steps"] == 2
+        assert all(s["generate_calls"] == 1 and s["generated_rows"] == 4 and 0 < s["new_positions"] <= 8
+                   for s in steps)
+    assert abs(results["ppo"]["peak_rss_bytes"] / 1e9 - rss) < 0.006

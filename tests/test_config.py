@@ -227,3 +227,10 @@ def test_yaml_no_is_the_string_no_for_string_options(tmp_path):
     config = load_config(SFT, path, [f"{k}={v}" for k, v in BASE.items()] + ["max_steps=2", "packing=no"])
     assert config.training.eval_strategy == "no" and config.training.save_strategy == "no"
     assert config.training.packing is False  # a boolean option keeps its boolean
+
+
+def test_activation_checkpointing_follows_our_option_in_every_trainer_config():
+    # TRL's DPOConfig defaults it to on; our gradient_checkpointing (default off) is the one switch
+    assert build_config(DPO, {**BASE, "train_file_dir": "data/demo/preference"}).training.activation_checkpointing is False
+    on = build_config(DPO, {**BASE, "train_file_dir": "data/demo/preference", "gradient_checkpointing": True})
+    assert on.training.activation_checkpointing is True and on.model.gradient_checkpointing is True

@@ -10,7 +10,8 @@ from conftest import ROOT
 from medgpt.config import build_config, check_names, read_yaml
 from medgpt.stages import get_stage
 
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+PIPELINES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "\nstages:" in p.read_text())
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p not in PIPELINES)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -37,3 +38,12 @@ def test_deepspeed_and_accelerate_examples_parse():
         assert json.loads(path.read_text())["zero_optimization"]["stage"] in (1, 2, 3)
     for path in (ROOT / "configs" / "accelerate").glob("*.yaml"):
         assert yaml.safe_load(path.read_text())["distributed_type"]
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_example_pipelines_load_with_every_stage_config_built(path: Path, monkeypatch):
+    from medgpt.pipeline import load_pipeline
+
+    monkeypatch.chdir(ROOT)
+    pipeline = load_pipeline(path.relative_to(ROOT))
+    assert len(pipeline.stages) >= 4 and pipeline.evaluation

@@ -15,10 +15,6 @@ from medgpt.data.readers import FORMATS
 
 logger = logging.getLogger("medgpt")
 
-DISCLAIMER = ("medgpt models are research software, not medical devices: answers can be wrong. "
-              "Always consult a qualified clinician.")
-
-
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -84,45 +80,98 @@ def cmd_data_check(args) -> int:
     return 1 if any(c.errors for c in checks) else 0
 
 
-def cmd_chat(args) -> int:
-    from medgpt.data.records import Message
-    from medgpt.serve.engine import GenerationEngine, SamplingParams
+def load_engine(args, model: str | None = None):
+    from medgpt.serve.engine import GenerationEngine
 
-    engine = GenerationEngine.load(args.model, template=args.template, torch_dtype=args.dtype,
-                                   trust_remote_code=args.trust_remote_code)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
-    system = [Message("system", args.system)] if args.system else []
-    print(DISCLAIMER, flush=True)
-    if args.ask:
-        for question in args.ask:
-            print(f"\n>>> {question}\n", flush=True)
-            for piece in engine.stream([*system, Message("user", question)], params):
-                print(piece, end="", flush=True)
-            print(flush=True)
-        return 0
-    history: list[Message] = []
-    print("Type a message; /reset clears the history, /exit quits.")
-    while True:
-        try:
-            line = input("\nyou> ").strip()
-        except EOFError:
-            return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history = []
-            continue
-        if not line:
-            continue
-        history.append(Message("user", line))
-        print("medgpt> ", end="", flush=True)
-        answer = ""
-        for piece in engine.stream([*system, *history], params):
-            answer += piece
-            print(piece, end="", flush=True)
-        print()
-        history.append(Message("assistant", answer.strip()))
+    return GenerationEngine.load(model or args.model, template=args.template, torch_dtype=args.dtype,
+                                 trust_remote_code=args.trust_remote_code)
+
+
+def sampling_params(args):
+    from medgpt.serve.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def cmd_chat(args) -> int:
+    from medgpt.serve.chat import ChatSession, run_chat
+
+    run_chat(ChatSession(load_engine(args), sampling_params(args), args.system), questions=args.ask)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medgpt.data.readers import ReadOptions
+    from medgpt.serve.predict import PredictionFileError, predict, read_prompts
+
+    prompts = read_prompts(args.data, ReadOptions(args.format), args.system)  # data errors before the model loads
+    try:
+        summary = predict(load_engine(args), prompts[: args.limit], args.output, sampling_params(args), args.batch_size)
+    except PredictionFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rate = summary.completion_tokens / summary.seconds if summary.seconds else 0.0
+    print(f"{args.output}: {summary.written} answers written, {summary.skipped} already there; "
+          f"{summary.prompt_tokens} prompt + {summary.completion_tokens} generated tokens "
+          f"in {summary.seconds:.1f} s ({rate:.1f} generated tokens/s)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+    from pathlib import Path
+
+    from medgpt.serve import check_api_exposure, require_extra
+
+    api_key = args.api_key or os.environ.get("MEDGPT_API_KEY")
+    name = args.served_model_name or Path(args.model.rstrip("/")).name
+    check_api_exposure(args.host, api_key)  # before any model loads
+    if args.engine == "vllm":
+        return serve_with_vllm(args, name, api_key)
+    require_extra("serve", "fastapi", "uvicorn")
+    from medgpt.serve.api import ServerSettings, run_server
+
+    settings = ServerSettings(name, api_key, max_tokens_limit=args.max_tokens_limit, max_pending=args.max_queue,
+                              max_batch=args.max_batch)
+    run_server(load_engine(args), settings, args.host, args.port)
+    return 0
+
+
+def serve_with_vllm(args, name: str, api_key: str | None) -> int:
+    import tempfile
+
+    from medgpt.config import ConfigError
+    from medgpt.serve.vllm_server import run_vllm, vllm_command
+
+    if not args.vllm_python:
+        raise ConfigError("--engine vllm needs --vllm-python PATH: the python of the environment vLLM is installed in")
+    with tempfile.TemporaryDirectory(prefix="medgpt-vllm-") as workdir:
+        command = vllm_command(args.vllm_python, args.model, args.host, args.port, name, args.template, args.dtype,
+                               args.trust_remote_code, workdir, args.vllm_args)
+        return run_vllm(command, api_key)
+
+
+def cmd_web(args) -> int:
+    import os
+    from pathlib import Path
+
+    from medgpt.config import ConfigError
+    from medgpt.serve import require_extra
+    from medgpt.serve.web import build_ui, check_web_exposure, launch
+
+    require_extra("serve", "gradio")
+    auth = args.auth or os.environ.get("MEDGPT_WEB_AUTH")
+    if auth and ":" not in auth:
+        raise ConfigError("--auth takes USER:PASSWORD")
+    login = tuple(auth.split(":", 1)) if auth else None
+    check_web_exposure(args.host, login)  # before any model loads
+    engines = {}
+    for model in [args.model, *([args.compare] if args.compare else [])]:
+        name = Path(model.rstrip("/")).name
+        engines[name if name not in engines else f"{name} (2)"] = load_engine(args, model)
+    launch(build_ui(engines, args.system or "", sampling_params(args)), args.host, args.port, login)
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -176,7 +225,81 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from medgpt.evaluation import EvalSpec, evaluate_model, format_metrics
+
+    spec = EvalSpec(perplexity_file=args.perplexity, mcq_file=args.mcq, few_shot=args.few_shot,
+                    mcq_reply=args.mcq_reply, preference_file=args.preference, reward_model=args.reward_model,
+                    open_file=args.open, compare_with=args.compare_with, limit=args.limit,
+                    max_new_tokens=args.max_new_tokens,
+                    max_length=args.max_length, batch_size=args.batch_size, template=args.template,
+                    torch_dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    try:
+        metrics = evaluate_model(args.model, spec, args.output)
+    except ValueError as err:  # a reward model without a head, answer files without a common question …
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_metrics(metrics))
+    if args.output:
+        print(f"written to {args.output}/ (metrics.json, answers and per-question choices)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from medgpt.plan import ZERO_STAGES, Setup
+    from medgpt.planner import default_bits, hardware_for, report
+
+    hardware = hardware_for(args.gpu, args.gpu_memory)
+    setup = Setup(stage=args.stage, method=args.method, bits=args.bits or default_bits(args.method, hardware),
+                  batch=args.batch, max_length=args.max_length, gpus=args.gpus, zero=ZERO_STAGES.get(args.deepspeed, 0),
+                  gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, lora_rank=args.lora_rank,
+                  lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
+                  trainable_layers=args.trainable_layers)
+    print(report(args.model, setup, hardware, args.trust_remote_code))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from medgpt.pipeline import check_data, load_pipeline, run_pipeline
+
+    if args.check:
+        pipeline = load_pipeline(args.config)
+        check_data(pipeline)
+        for planned in pipeline.stages:
+            reads = f" (reads {', '.join(planned.inputs)})" if planned.inputs else ""
+            print(f"{planned.name}: {planned.stage.name} -> {planned.output}{reads}")
+        print("configs and data are valid")
+        return 0
+    report = run_pipeline(args.config, from_stage=args.from_stage)
+    print(f"report: {report} (and {report.with_suffix('.html')})")
+    return 0
+
+
+def add_model_flags(p) -> None:
+    p.add_argument("--model", required=True, help="model dir, adapter dir, hub name or smollm2-135m")
+    p.add_argument("--template", help="named chat template (default: the one saved with the model)")
+    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
+
+
+def add_sampling_flags(p, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "holding this probability mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+
+
 def add_tool_commands(commands) -> None:
+    p = commands.add_parser("pipeline", help="run stages in order (PT -> SFT -> RM -> PPO / DPO …), evaluate, report")
+    p.add_argument("config", help="pipeline YAML (see configs/demo.yaml)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on (finished ones are "
+                   "otherwise skipped and an interrupted one resumes)")
+    p.add_argument("--check", action="store_true", help="validate every stage's config and data, print the plan, exit")
+    p.set_defaults(func=cmd_pipeline)
+
     check = commands.add_parser("data", help="inspect training data").add_subparsers(dest="data_command", required=True)
     p = check.add_parser("check", help="validate data files: format, counts, every error as file:line: field: problem")
     p.add_argument("paths", nargs="+", help="files, folders (recursive) or globs")
@@ -192,17 +315,57 @@ def add_tool_commands(commands) -> None:
     p.set_defaults(func=cmd_data_check)
 
     p = commands.add_parser("chat", help="talk to a model in the terminal (or answer --ask questions and exit)")
-    p.add_argument("--model", required=True, help="model dir, adapter dir, hub name or smollm2-135m")
-    p.add_argument("--ask", action="append", help="answer this question and exit (repeatable)")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--template", help="named chat template (default: the one saved with the model)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (repeatable)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
+    add_model_flags(p)
+    p.add_argument("--ask", action="append", help="answer this question and exit (repeatable; each on its own)")
+    p.add_argument("--system", help="system prompt (in the chat: /system TEXT)")
+    add_sampling_flags(p, temperature=0.7)
     p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("predict", help="answer every prompt of a data file in batches, to JSONL (resumable)")
+    add_model_flags(p)
+    p.add_argument("--data", required=True,
+                   help="prompts: conversation files (the last reply becomes the reference), question/answer, "
+                        "multiple-choice, preference or KTO files, or .txt with one question per line; a file, "
+                        "folder or glob")
+    p.add_argument("--output", required=True,
+                   help="JSONL to append to: id, source, messages, reference, output, finish_reason and token "
+                        "counts per prompt. Ids already there are skipped, so rerunning continues a stopped run")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together; lower it if memory runs out")
+    p.add_argument("--system", help="system prompt for prompts that have none")
+    p.add_argument("--limit", type=int, help="answer only the first N prompts")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="force a data format instead of detecting it")
+    add_sampling_flags(p, temperature=0.0)
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("serve", help="OpenAI-compatible API server (/v1/chat/completions, /v1/completions)")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything beyond loopback (e.g. 0.0.0.0) requires an API key")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", help="clients must send `Authorization: Bearer KEY` (default: $MEDGPT_API_KEY; "
+                                     "optional on loopback)")
+    p.add_argument("--served-model-name", help="the `model` clients ask for (default: the model directory's name)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="refuse requests asking for more tokens")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting or running at once; more are answered 503 (retry later)")
+    p.add_argument("--max-batch", type=int, default=8, help="waiting requests generated together in one batch")
+    p.add_argument("--engine", default="medgpt", choices=["medgpt", "vllm"],
+                   help="medgpt: this process on transformers (CPU or GPU); vllm: start vLLM's OpenAI server from "
+                        "another Python environment (--vllm-python), much faster on GPUs")
+    p.add_argument("--vllm-python", help="python of the environment vLLM is installed in (--engine vllm)")
+    p.add_argument("--vllm-args", default="",
+                   help="more vLLM server options, one string (e.g. \"--tensor-parallel-size 2 --max-model-len 8192\")")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("web", help="chat in the browser (Gradio); --compare answers with two models side by side")
+    add_model_flags(p)
+    p.add_argument("--compare", help="a second model for the side-by-side tab (e.g. SFT vs PPO output)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback --auth is required")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--auth", help="USER:PASSWORD login (default: $MEDGPT_WEB_AUTH; optional on loopback)")
+    p.add_argument("--system", help="initial system prompt")
+    add_sampling_flags(p, temperature=0.7)
+    p.set_defaults(func=cmd_web)
 
     p = commands.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain model")
     p.add_argument("--adapter", required=True, help="adapter directory (has adapter_config.json)")
@@ -227,6 +390,62 @@ def add_tool_commands(commands) -> None:
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
     p.set_defaults(func=cmd_score)
+
+    p = commands.add_parser("eval", help="perplexity, multiple-choice accuracy, reward accuracy, answers and "
+                                         "reward-judged win rate of a model (dir, adapter, hub name or alias)")
+    add_model_flags(p)
+    p.add_argument("--perplexity", help="held-out text (.txt a document per line, or .jsonl with `text`): "
+                                        "token-weighted perplexity, each document scored alone")
+    p.add_argument("--mcq", help="multiple-choice JSONL (question, options, answer): accuracy by the log-likelihood "
+                                 "per token of each option as the reply, with a chance baseline")
+    p.add_argument("--mcq-reply", default="text", choices=["text", "letter"],
+                   help="the reply scored per option: its text (default; small models have a strong letter bias) "
+                        "or `B. its text` (models trained to answer with letters)")
+    p.add_argument("--few-shot", type=int, default=0,
+                   help="solved questions from the same file shown first (never the question itself)")
+    p.add_argument("--preference", help="held-out preference pairs: reward-model accuracy (needs --reward-model)")
+    p.add_argument("--reward-model", help="reward model dir (`medgpt rm` output) for --preference, the mean reward "
+                                          "of --open answers and --compare-with")
+    p.add_argument("--open", help="open questions (question/answer or conversation file): greedy answers saved to "
+                                  "answers.jsonl, scored by --reward-model when given")
+    p.add_argument("--compare-with", help="answers.jsonl of another model (or a model to answer the same --open "
+                                          "questions): reward-judged win rate of --model over it, ties count half")
+    p.add_argument("--limit", type=int, help="use only the first N items of each file (generation on CPU is slow)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest open answer in tokens")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="tokens per scored sequence: documents keep their start, MCQ prompts their end")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass; lower it if memory runs out")
+    p.add_argument("--output", help="directory for metrics.json, answers.jsonl and mcq.jsonl")
+    p.set_defaults(func=cmd_eval)
+
+    from medgpt.plan import METHODS, OPTIMIZERS, STAGE_NEEDS, ZERO_STAGES
+    from medgpt.planner import GPUS
+
+    p = commands.add_parser("plan", help="will a training run fit in GPU memory? per-GPU estimate, verdict, fixes")
+    p.add_argument("--model", required=True, help="model dir, adapter dir, hub name or smollm2-135m (reads config.json only)")
+    p.add_argument("--stage", default="sft", choices=list(STAGE_NEEDS), help="training stage: sets the extra models "
+                   "(reference, reward model, critic), pairs per sample and rollout KV cache")
+    p.add_argument("--method", default="lora", choices=METHODS,
+                   help="full (all weights), freeze (top layers), lora, qlora (LoRA on a 4-bit base)")
+    p.add_argument("--bits", type=int, choices=[32, 16, 8, 4], help="bits per base weight: 32 = fp32 weights with "
+                   "16-bit compute (AMP), 16 = bf16/fp16, 8/4 = bitsandbytes (LoRA only). Default: 4 for qlora, "
+                   "16 on a GPU (32 for full training without bf16, and on CPU)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs training together (data parallel)")
+    p.add_argument("--gpu", help=f"GPU model, sets memory and bf16 support: {', '.join(GPUS)}")
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB (overrides --gpu; default: this machine's GPU)")
+    p.add_argument("--max-length", "--max_length", type=int, default=1024, help="tokens per sample (max_length / block_size)")
+    p.add_argument("--batch", type=int, default=1, help="per-GPU micro-batch (per_device_train_batch_size)")
+    p.add_argument("--deepspeed", choices=list(ZERO_STAGES), help="DeepSpeed ZeRO stage, split over --gpus")
+    p.add_argument("--gradient-checkpointing", "--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward (less memory, ~30%% more compute)")
+    p.add_argument("--optim", default="adamw_torch_fused", choices=list(OPTIMIZERS),
+                   help="optimizer: AdamW with 32-bit states, or bitsandbytes 8-bit / paged")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-targets", default="all", help="`all` linear layers or a comma list such as q_proj,v_proj")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (its mask costs activation memory)")
+    p.add_argument("--trainable-layers", type=int, default=2, help="freeze: how many top layers train")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
+    p.set_defaults(func=cmd_plan)
 
 
 # ------------------------------------------------------------------------------------------ entry

@@ -227,6 +227,8 @@ def _upstream_names(training_class: type, values: dict[str, Any]) -> dict[str, A
     for old, new in UPSTREAM_RENAMES.items():
         if old in values and new in names:
             values.setdefault(new, values.pop(old))
+    if "activation_checkpointing" in names:  # ours (default off) decides; TRL's configs default it to on
+        values.setdefault("activation_checkpointing", False)
     return values
 
 

@@ -113,7 +113,7 @@ TRL_FIELDS = {
         "use_vllm": None,
     },
     "DistillationConfig": {
-        "teacher_model_name_or_path": "The teacher: a model directory, hub name or adapter directory; only read, "
+        "teacher_model_name_or_path": "The teacher: a model directory or hub name (merge an adapter first); only read, "
                                       "never trained (its memory comes on top of the student's).",
         "max_completion_length": "Longest answer the student samples per prompt, in tokens.",
         "temperature": None,

@@ -16,10 +16,11 @@ STAGE_KINDS = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("kto", "preference"),
-    "ppo": ("conversation", "qa", "preference"),
-    "grpo": ("qa", "conversation"),
-    "rloo": ("qa", "conversation"),
-    "distill": ("conversation", "qa"),
+    # prompt stages take the part before the last assistant turn of anything (medgpt.rl.prompts.PROMPT_KINDS)
+    "ppo": ("conversation", "qa", "mcq", "preference", "kto"),
+    "grpo": ("conversation", "qa", "mcq", "preference", "kto"),
+    "rloo": ("conversation", "qa", "mcq", "preference", "kto"),
+    "distill": ("conversation", "qa", "mcq", "preference", "kto"),
     "eval": ("mcq", "qa", "text", "preference"),
 }
 

@@ -27,13 +27,13 @@ class PPOArguments:
         default=None,
     )
     reward_funcs: list[str] | None = documented(
-        """Rule rewards added to the reward model's score (or used alone): names from `medgpt.rl.rewards`, or
-        `module:function` for your own (this imports and runs that code; name only modules you trust).""",
+        """The rewards, summed with reward_weights: names from `medgpt.rl.rewards`, `reward_model` (the model of
+        reward_model_name_or_path; required in this list when both are given), or `module:function` for your own
+        (this imports and runs that code; name only modules you trust). Default: just the reward model.""",
         default=None,
     )
     reward_weights: list[float] | None = documented(
-        """Weights of the rewards, in order: the reward model first (when given), then each of reward_funcs.
-        Default: 1 each.""",
+        """Weights of the rewards, in the order of reward_funcs. Default: 1 each.""",
         default=None,
     )
     reward_model_batch_size: int = documented("Replies scored per reward-model forward pass.", default=8)

@@ -104,7 +104,7 @@ class GenerationEngine:
             repetition_penalty=params.repetition_penalty,
         )
         if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)  # 0: off, not the model default 50
         else:  # the model's generation_config may carry sampling defaults; greedy must not warn about them
             kwargs.update(temperature=None, top_p=None, top_k=None)
         stops = [s for s in (*self.chat_format.stop_strings, *params.stop) if len(self.tokenizer.encode(s, add_special_tokens=False)) > 1]

@@ -61,7 +61,7 @@ def teacher_arguments(config: RunConfig) -> ModelArguments:
         raise ConfigError("choose one of teacher_load_in_4bit and teacher_load_in_8bit")
     teacher = Path(config.training.teacher_model_name_or_path).expanduser()
     if (teacher / "adapter_config.json").is_file() and not (teacher / "config.json").is_file():
-        raise ConfigError(f"the teacher {teacher} is a LoRA adapter: merge it first (`medgpt merge {teacher} OUT`) "
+        raise ConfigError(f"the teacher {teacher} is a LoRA adapter: merge it first (`medgpt merge --adapter {teacher} --output DIR`) "
                           "and set teacher_model_name_or_path: OUT")
     return ModelArguments(model_name_or_path=config.training.teacher_model_name_or_path, torch_dtype=m.torch_dtype,
                           attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,

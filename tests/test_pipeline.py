@@ -1,0 +1,160 @@
+"""The pipeline: references between stages, checks before training, skip / resume / --from, merges, the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DEMO, ROOT
+from medgpt.config import ConfigError
+from medgpt.data.records import InvalidDataError
+from medgpt.pipeline import check_data, load_pipeline, run_pipeline, stage_state
+from medgpt.report import read_metrics
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tiny_pipeline(tmp_path: Path, model: Path, **evaluation) -> dict:
+    """PT -> SFT (LoRA, merged for its readers) -> RM; DPO from SFT; a few steps each on a tiny random Llama."""
+    steps = {"max_steps": 2, "save_steps": 1, "eval_strategy": "no", "per_device_train_batch_size": 2}
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "defaults": {"seed": 1, "report_to": "none", "logging_steps": 1, "save_total_limit": 1},
+        "stages": {
+            "pt": {"config": "configs/pt.yaml", "model_name_or_path": str(model), "block_size": 64,
+                   "max_train_samples": 40, **steps},
+            "sft": {"config": "configs/sft.yaml", "model_name_or_path": "${pt.output}", "max_length": 128,
+                    "max_train_samples": 16, "sample_prompts": 0, **steps},
+            "rm": {"config": "configs/rm.yaml", "model_name_or_path": "${sft.output}", "max_length": 128,
+                   "max_train_samples": 16, **steps},
+            "dpo": {"config": "configs/dpo.yaml", "model_name_or_path": "${sft.output}", "max_length": 128,
+                    "max_train_samples": 8, "gradient_accumulation_steps": 1, **steps, "save_total_limit": 2},
+        },
+        "evaluation": {"perplexity_file": str(DEMO / "eval" / "heldout_text.txt"),
+                       "mcq_file": str(DEMO / "eval" / "mcq.jsonl"), "limit": 3, **evaluation},
+    }
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # stage entries name configs/*.yaml relative to the repository
+
+
+def test_references_resolve_to_merged_models_of_earlier_stages(tmp_path, tiny_model_dir, in_repo):
+    pipeline = load_pipeline(write(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tiny_model_dir)))
+    out = tmp_path / "out"
+    assert [s.name for s in pipeline.stages] == ["pt", "sft", "rm", "dpo"]
+    assert pipeline.stage("sft").values["model_name_or_path"] == str(out / "pt-merged")  # LoRA read by sft: merged
+    assert pipeline.stage("dpo").values["model_name_or_path"] == str(out / "sft-merged")
+    assert pipeline.stage("rm").values["output_dir"] == str(out / "rm")
+    assert pipeline.stage("dpo").inputs == ["sft"] and pipeline.stage("pt").inputs == []
+    assert pipeline.model_of("rm") == out / "rm"  # nobody reads the reward model: no merge
+    assert pipeline.stage("sft").values["seed"] == 1  # defaults reach every stage
+    # a change upstream changes the fingerprint of everything downstream
+    changed = tiny_pipeline(tmp_path, tiny_model_dir)
+    changed["stages"]["pt"]["learning_rate"] = 1e-3
+    other = load_pipeline(write(tmp_path / "q.yaml", changed))
+    assert other.stage("dpo").fingerprint != pipeline.stage("dpo").fingerprint
+    assert other.stage("pt").fingerprint != pipeline.stage("pt").fingerprint
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["stages"]["pt"].update(model_name_or_path="${sft.output}"), "only earlier stages"),
+    (lambda p: p["defaults"].update(beta=0.1), "has no option"),  # DPO's beta means nothing to PT
+    (lambda p: p["stages"]["sft"].update(output_dir="x"), "set by the pipeline"),
+    (lambda p: p["stages"]["sft"].update(lerning_rate=1.0), "learning_rate"),
+    (lambda p: p.update(stagez={}), "unknown top-level"),
+    (lambda p: p["evaluation"].update(compare={"dpo": "nope"}), "not a stage"),
+])
+def test_bad_pipelines_fail_before_anything_runs(tmp_path, tiny_model_dir, in_repo, edit, message):
+    data = tiny_pipeline(tmp_path, tiny_model_dir)
+    edit(data)
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(write(tmp_path / "p.yaml", data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_data_line_in_a_later_stage_fails_before_the_first_stage(tmp_path, tiny_model_dir, in_repo):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q?", "chosen": "A"}) + "\n", encoding="utf-8")  # no rejected
+    data = tiny_pipeline(tmp_path, tiny_model_dir)
+    data["stages"]["dpo"]["train_file_dir"] = str(bad)
+    pipeline = load_pipeline(write(tmp_path / "p.yaml", data))
+    with pytest.raises(InvalidDataError, match=r"pairs.jsonl:1"):
+        check_data(pipeline)
+    with pytest.raises(InvalidDataError):
+        run_pipeline(tmp_path / "p.yaml")
+    assert not (tmp_path / "out" / "pt").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_skips_resumes_and_reruns_from_a_stage(tmp_path, tiny_model_dir, in_repo, private_cache):
+    config = write(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tiny_model_dir, open_file=str(DEMO / "eval" / "open_questions.jsonl"),
+                                                      max_new_tokens=4, reward_model="${rm.adapter}",
+                                                      compare={"dpo": "sft"}))
+    report = run_pipeline(config)
+    out = tmp_path / "out"
+    for name in ("pt", "sft", "rm", "dpo"):
+        assert stage_state(load_pipeline(config), name)["status"] == "done"
+        assert (out / name / "train_results.json").is_file()
+    assert (out / "pt-merged" / "config.json").is_file() and (out / "sft-merged" / "config.json").is_file()
+    assert not (out / "rm-merged").exists() and not (out / "dpo-merged").exists()
+    for name in ("base", "pt", "sft", "dpo"):  # every chat model evaluated, the reward model not
+        metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
+        assert metrics["perplexity"] > 1 and 0 <= metrics["mcq_accuracy"] <= 1
+    assert not (out / "eval" / "rm").exists()
+    wins = json.loads((out / "eval" / "win_rates.json").read_text())
+    assert 0 <= wins["dpo vs sft"]["win_rate"] <= 1
+    text = report.read_text()
+    for piece in ("| pt | pt | done", "| dpo | dpo | done", "Held-out perplexity: base", "Reward-model win rate dpo vs sft",
+                  "Sample answers", "![pt: loss](pt/loss.png)"):
+        assert piece in text, piece
+    assert "<table>" in (out / "report.html").read_text()
+
+    # run again: nothing trains (results untouched)
+    stamps = {n: (out / n / "train_results.json").stat().st_mtime_ns for n in ("pt", "sft", "rm", "dpo")}
+    run_pipeline(config)
+    assert {n: (out / n / "train_results.json").stat().st_mtime_ns for n in stamps} == stamps
+
+    # dpo killed after step 1 (state says running, step 2 and the final save missing) resumes from checkpoint-1
+    state_file = out / ".pipeline" / "dpo.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "status": "running"}))
+    (out / "dpo" / "train_results.json").unlink()
+    shutil.rmtree(out / "dpo" / "checkpoint-2")
+    assert (out / "dpo" / "checkpoint-1").is_dir()
+    run_pipeline(config)
+    result = json.loads((out / "dpo" / "train_results.json").read_text())
+    assert result["global_step"] == 2
+    steps = [row["step"] for row in read_metrics(out / "dpo" / "metrics.jsonl") if "loss" in row]
+    assert steps == [1, 2]  # step 1 was not trained again
+    assert stamps["sft"] == (out / "sft" / "train_results.json").stat().st_mtime_ns
+
+    # --from rm reruns rm and dpo, not pt and sft
+    run_pipeline(config, from_stage="rm")
+    assert (out / "pt" / "train_results.json").stat().st_mtime_ns == stamps["pt"]
+    assert (out / "rm" / "train_results.json").stat().st_mtime_ns != stamps["rm"]
+
+
+def test_cli_check_prints_the_plan(tmp_path, tiny_model_dir, in_repo):
+    config = write(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tiny_model_dir))
+    out = subprocess.run([sys.executable, "-m", "medgpt.cli", "pipeline", str(config), "--check"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "sft: sft ->" in out.stdout and "(reads pt)" in out.stdout and "configs and data are valid" in out.stdout
+
+
+def test_demo_pipeline_is_valid(in_repo):
+    pipeline = load_pipeline(ROOT / "configs" / "demo.yaml")
+    check_data(pipeline)
+    assert [s.stage.name for s in pipeline.stages] == ["pt", "sft", "rm", "ppo", "dpo"]
+    assert pipeline.stage("ppo").values["reward_model_name_or_path"] == str(Path("outputs/demo/rm-merged"))
