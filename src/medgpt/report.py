@@ -258,9 +258,10 @@ def _what_moved(pipeline, evals: dict, results: dict, wins: dict) -> list[str]:
     order = [n for n in evals if evals[n]]
     ppl = [(n, evals[n]["perplexity"]) for n in order if "perplexity" in evals[n]]
     if len(ppl) > 1:
-        (first, a), (last, b) = ppl[0], ppl[-1]
+        (first, a) = ppl[0]
         steps = " → ".join(f"{n} {v:.2f}" for n, v in ppl)
-        lines.append(f"Held-out perplexity: {steps} ({(b - a) / a:+.1%} from {first} to {last}; lower is better).")
+        changes = ", ".join(f"{first} → {n}: {(v - a) / a:+.1%}" for n, v in ppl[1:])
+        lines.append(f"Held-out perplexity: {steps} ({changes}; lower is better).")
     mcq = [(n, evals[n]["mcq_accuracy"], evals[n].get("mcq_n") or 0) for n in order if "mcq_accuracy" in evals[n]]
     if mcq:
         n_items = max(n for _, _, n in mcq) or 1

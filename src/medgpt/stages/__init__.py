@@ -40,9 +40,15 @@ def register(stage: Stage) -> Stage:
 
 
 def load_stages() -> dict[str, Stage]:
+    """Every stage, in the order of STAGE_MODULES whichever module was imported first (then any other)."""
     for module in STAGE_MODULES:
         importlib.import_module(module)
-    return STAGES
+
+    def position(stage: Stage) -> int:
+        module = getattr(stage.run, "__module__", "")
+        return STAGE_MODULES.index(module) if module in STAGE_MODULES else len(STAGE_MODULES)
+
+    return {s.name: s for s in sorted(STAGES.values(), key=position)}  # stable: a module's own order stays
 
 
 def get_stage(name: str) -> Stage:
