@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medgpt.config import ConfigError, build_config, normalise_keys, read_yaml
+from medgpt.config import OWN_SECTIONS, ConfigError, build_config, normalise_keys, read_yaml
 from medgpt.stages import Stage, get_stage
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class PlannedStage:
     merge: str  # auto | true | false, as written
     config: Any = None  # the built RunConfig
     fingerprint: str = ""
+    referenced: bool = False  # a later stage or the evaluation reads `${name.output}`: `merge: auto` merges
 
     @property
     def merged(self) -> Path:
@@ -150,7 +151,7 @@ def _plan_stage(pipeline: Pipeline, name: str, entry: dict, defaults: dict) -> P
         stage = get_stage(stage_name)
     except KeyError as err:
         raise ConfigError(f"{where}: {err.args[0]}") from None
-    known = {f.name for cls in (*_own_sections(), *stage.extra_classes, stage.training_class)
+    known = {f.name for cls in (*OWN_SECTIONS, *stage.extra_classes, stage.training_class)
              for f in dataclasses.fields(cls) if f.init}
     lacking = sorted(set(defaults) - known)
     if lacking:
@@ -179,12 +180,6 @@ def _plan_stage(pipeline: Pipeline, name: str, entry: dict, defaults: dict) -> P
     return planned
 
 
-def _own_sections():
-    from medgpt.config import OWN_SECTIONS
-
-    return OWN_SECTIONS
-
-
 def _resolve(value: Any, pipeline: Pipeline, where: str, seen: list[str]) -> tuple[Any, list[str]]:
     """Replace `${name.output|adapter}` in a string value; returns the value and the stages it names."""
     if not isinstance(value, str):
@@ -201,7 +196,7 @@ def _resolve(value: Any, pipeline: Pipeline, where: str, seen: list[str]) -> tup
         planned = pipeline.stage(name)
         if what == "adapter":
             return str(planned.output)
-        planned.referenced = True  # type: ignore[attr-defined]  # `merge: auto` merges what others read
+        planned.referenced = True
         return str(planned.merged if merges(planned, pipeline) else planned.output)
 
     return REFERENCE.sub(replace, value), used
@@ -210,7 +205,7 @@ def _resolve(value: Any, pipeline: Pipeline, where: str, seen: list[str]) -> tup
 def merges(planned: PlannedStage, pipeline: Pipeline) -> bool:
     if planned.merge == "false" or not planned.uses_lora:
         return False
-    return planned.merge == "true" or getattr(planned, "referenced", False)
+    return planned.merge == "true" or planned.referenced
 
 
 def _check_evaluation_keys(pipeline: Pipeline) -> None:
