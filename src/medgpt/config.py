@@ -105,7 +105,8 @@ def _yaml_scalar(text: str) -> Any:
         return text
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, flat: bool = True) -> dict[str, Any]:
+    """A YAML file's top-level mapping; `flat` (stage configs): no nested mappings except the dict options."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -114,8 +115,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
-    for key, value in data.items():
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in data.items() if flat else ():
         if isinstance(value, dict) and key not in _DICT_OPTIONS:
             raise ConfigError(f"{path}: '{key}' holds a nested mapping; options are flat (write `{key}_…: …`)")
     return data

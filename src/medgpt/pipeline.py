@@ -94,7 +94,7 @@ class Pipeline:
 def load_pipeline(path: str | Path) -> Pipeline:
     """Read the pipeline file, resolve references and build every stage's config (no model, no data yet)."""
     path = Path(path)
-    raw = _read_mapping(path)
+    raw = read_yaml(path, flat=False)
     unknown = sorted(set(raw) - PIPELINE_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)} (known: {', '.join(sorted(PIPELINE_KEYS))})")
@@ -121,20 +121,6 @@ def load_pipeline(path: str | Path) -> Pipeline:
     pipeline.evaluation = {k: _resolve(v, pipeline, f"{path}: evaluation.{k}", [])[0] for k, v in evaluation.items()}
     _check_evaluation_keys(pipeline)
     return pipeline
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such pipeline file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with output_dir, stages, …")
-    return data
 
 
 def _plan_stage(pipeline: Pipeline, name: str, entry: dict, defaults: dict) -> PlannedStage:
