@@ -81,14 +81,17 @@ def build_model(source: str, setup, device: str):
 
 
 def prepare(model, setup):
-    """The stage's own preparation: chunked loss, checkpointing, LoRA or freezing (medgpt's functions)."""
+    """The stage's own preparation: chunked loss, lean activations, checkpointing, LoRA or freezing."""
     from medgpt.arguments import AdapterArguments
     from medgpt.models.adapters import attach_adapter, freeze_layers
+    from medgpt.models.lean import use_lean_activations
     from medgpt.plan import STAGE_NEEDS
     from medgpt.training.trainer import use_chunked_loss
 
     if STAGE_NEEDS[setup.stage].chunked_loss:
         use_chunked_loss(model, setup.loss_chunk_size)
+    if setup.lean_activations:
+        use_lean_activations(model)
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from conftest import ROOT
 from medgpt.arguments import AdapterArguments
 from medgpt.cli import main
 from medgpt.config import ConfigError
+from medgpt.models import lean
 from medgpt.models.adapters import attach_adapter, freeze_layers
 from medgpt.plan import (
     GiB,
@@ -118,8 +120,9 @@ def test_4bit_weight_bytes_equal_the_loaded_quantised_model(tmp_path, tokenizer)
 # ------------------------------------------------------------------------------------------------ activations
 
 
-def saved_bytes(model, ids) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward, weights excluded."""
+def saved_bytes(model, ids, checkpointing: bool = False) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward, weights excluded (lean recipes included:
+    what `medgpt.models.lean.Recompute` keeps as a tensor is counted, what it turns into a recipe is not)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
@@ -129,7 +132,15 @@ def saved_bytes(model, ids) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def lean_pack(recompute, tensor):
+        packed = lean_pack.original(recompute, tensor)
+        return pack(packed) if isinstance(packed, torch.Tensor) else packed
+
+    lean_pack.original = lean.Recompute._pack
+    # Our counting hook would make the lean hooks stand aside as they do for checkpointing's: not here.
+    with mock.patch.object(lean, "_outer_hooks_active", lambda: checkpointing), \
+            mock.patch.object(lean.Recompute, "_pack", lean_pack), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
     return sum(kept.values())
 
@@ -140,6 +151,8 @@ def measured_layer_bytes(setup: Setup, dtype: torch.dtype, tokens=(2, 64)) -> fl
     for layers in (2, 3):
         torch.manual_seed(0)
         model = LlamaForCausalLM(small_llama(layers)).to(dtype)
+        if setup.lean_activations:
+            lean.use_lean_activations(model)
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if setup.adapter:
@@ -147,7 +160,7 @@ def measured_layer_bytes(setup: Setup, dtype: torch.dtype, tokens=(2, 64)) -> fl
         elif setup.method == "freeze":
             freeze_layers(model, setup.trainable_layers)
         model.train()
-        totals.append(saved_bytes(model, torch.randint(0, 256, tokens)))
+        totals.append(saved_bytes(model, torch.randint(0, 256, tokens), setup.gradient_checkpointing))
     return (totals[1] - totals[0]) / (tokens[0] * tokens[1])
 
 
@@ -158,7 +171,11 @@ def measured_layer_bytes(setup: Setup, dtype: torch.dtype, tokens=(2, 64)) -> fl
     Setup(method="full", bits=16),
     Setup(method="lora", bits=16, lora_dropout=0.05),
     Setup(method="lora", bits=16, lora_dropout=0.0),
-], ids=lambda s: f"{s.method}-{s.bits}bit-dropout{s.lora_dropout if s.adapter else '-'}")
+    Setup(method="full", bits=32, lean_activations=False),
+    Setup(method="lora", bits=32, lora_dropout=0.0, lean_activations=False),
+    Setup(method="lora", bits=16, lora_dropout=0.05, lean_activations=False),
+], ids=lambda s: f"{s.method}-{s.bits}bit-dropout{s.lora_dropout if s.adapter else '-'}"
+                 f"{'' if s.lean_activations else '-stock'}")
 def test_layer_activation_bytes_match_what_autograd_keeps(setup):
     measured = measured_layer_bytes(setup, torch.float32 if setup.bits == 32 else torch.bfloat16)
     assert layer_activation_bytes(model_shape(small_llama()), setup, CPU) == pytest.approx(measured, rel=0.05)

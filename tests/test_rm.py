@@ -304,6 +304,19 @@ def test_resumed_rm_run_equals_the_uninterrupted_run(rm_options, tmp_path):
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r] == [4, 5, 6]
 
 
+def test_rm_resumed_from_its_last_checkpoint_trains_nothing_and_saves_that_checkpoint(rm_options, tmp_path):
+    out, options = tmp_path / "out", {**rm_options, "max_steps": 2, "save_steps": 2}  # checkpoint-2 is mid-epoch
+    run_rm(options)
+    for path in list(out.iterdir()):  # killed after checkpoint-2 (= max_steps), before the final save
+        if not path.name.startswith("checkpoint-"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    metrics = run_rm({**options, "resume_from_checkpoint": "auto"})
+    assert metrics["global_step"] == results(out)["global_step"] == 2 and not (out / "checkpoint-3").exists()
+    final = load_file(str(out / "adapter_model.safetensors"))
+    checkpoint = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
+
+
 # ------------------------------------------------------------------------------------------------ medgpt score
 
 

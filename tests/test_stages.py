@@ -300,6 +300,25 @@ def test_resumed_run_logs_each_step_once(sft_options, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("use_peft", [True, False], ids=["lora", "full"])
+def test_resume_from_a_checkpoint_at_max_steps_trains_no_further_step(sft_options, tmp_path, use_peft):
+    # 8 samples in batches of 2: checkpoint-2 (= max_steps) sits mid-epoch, where the Trainer alone would train a
+    # third step before it looks at max_steps.
+    options = {**sft_options, "max_steps": 2, "save_steps": 2, "use_peft": use_peft, "learning_rate": 1e-3}
+    run_stage("sft", {**options, "output_dir": str(tmp_path / "a")})
+    resumed = tmp_path / "b"
+    _cut_after(tmp_path / "a", resumed, step=2, keep_metrics_until=2)  # killed before the final save
+
+    metrics = run_stage("sft", {**options, "output_dir": str(resumed), "resume_from_checkpoint": "auto"})
+    assert metrics["global_step"] == results(resumed)["global_step"] == 2
+    assert sorted(losses(resumed)) == [1, 2]
+    weight_file = "adapter_model.safetensors" if use_peft else "model.safetensors"
+    final, checkpoint = weights(resumed / weight_file), weights(resumed / "checkpoint-2" / weight_file)
+    assert final.keys() == checkpoint.keys()
+    assert all(torch.equal(final[k], checkpoint[k]) for k in final)
+    assert not (resumed / "checkpoint-3").exists()
+
+
 def test_auto_resume_skips_a_checkpoint_cut_short_and_an_explicit_path_to_it_is_refused(sft_options, tmp_path, caplog):
     out = tmp_path / "out"
     options = {**sft_options, "max_steps": 4, "save_steps": 2}

@@ -196,7 +196,8 @@ class Setup:
     lora_targets: str = "all"
     lora_dropout: float = 0.05
     trainable_layers: int = 2  # freeze: the top layers that train
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 256
+    lean_activations: bool = True  # our stages recompute the MLP's act(gate) and product (medgpt.models.lean)
     accumulation: int = 1  # gradient accumulation: not memory, carried so a smaller batch keeps the same step
 
     @property
@@ -267,16 +268,19 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup, hardware: Hardware) 
     attention output (2h + 2h_kv) and the MLP's gate, activation and up projections (3I). Training its
     weights adds the normalised inputs (2h), the two linear inputs (2h) and the down projection's input (I).
     LoRA instead keeps, per adapted layer, its own copy of that layer's input (`_adapter_copy_bytes`) and the
-    r-wide LoRA activation.
+    r-wide LoRA activation. Lean activations rebuild the activation and the down projection's input from gate
+    and up in the backward: neither is kept (a LoRA's own copy of that input still is).
     """
     h, h_kv, inter = shape.hidden, shape.kv_hidden, shape.intermediate
     b = activation_dtype_bytes(setup, hardware)
-    passing = 8 * h + b * (2 * h + 2 * h_kv + 3 * inter)
+    activation = down_input = 0 if setup.lean_activations else inter  # act(gate) and the product
+    passing = 8 * h + b * (2 * h + 2 * h_kv + 2 * inter + activation)
     if not setup.adapter:
-        return passing + b * (4 * h + inter)
+        return passing + b * (4 * h + down_input)
     adapted = lora_targets(shape, setup.lora_targets)
     copy_bytes = _adapter_copy_bytes(setup, hardware, b)
-    inputs = sum(linear.inputs for linear in adapted) * copy_bytes if copy_bytes else b * (2 * h + inter) * shape.layers
+    shared = b * (2 * h + down_input) * shape.layers  # the layers' own inputs, used by the adapters as they are
+    inputs = sum(linear.inputs for linear in adapted) * copy_bytes if copy_bytes else shared
     return passing + (inputs + len(adapted) * setup.lora_rank * b) / shape.layers
 
 
@@ -296,8 +300,11 @@ def activation_bytes(shape: ModelShape, setup: Setup, hardware: Hardware) -> flo
     rebuilds one layer's set at a time in the backward."""
     b = activation_dtype_bytes(setup, hardware)
     trained = min(setup.trainable_layers, shape.layers) if setup.method == "freeze" else shape.layers
-    layer = layer_activation_bytes(shape, setup, hardware)
-    per_token = trained * b * shape.hidden + layer if setup.gradient_checkpointing else trained * layer
+    if setup.gradient_checkpointing:  # checkpointing's hooks decide what the rebuilt layer keeps: lean stands aside
+        layer = layer_activation_bytes(shape, replace(setup, lean_activations=False), hardware)
+        per_token = trained * b * shape.hidden + layer
+    else:
+        per_token = trained * layer_activation_bytes(shape, setup, hardware)
     return tokens(setup) * (per_token + (4 + 2 * b) * shape.hidden)
 
 

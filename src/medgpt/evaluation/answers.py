@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from medgpt.data.readers import ReadOptions, raw_items
 from medgpt.data.records import DataError, InvalidDataError, Message, Source
 from medgpt.rl.prompts import Prompt
 from medgpt.serve.engine import GenerationEngine, SamplingParams
+from medgpt.serve.predict import tool_runs
 
 
 def last_user_text(messages: list[Message]) -> str:
@@ -26,11 +25,8 @@ def generate_answers(engine: GenerationEngine, prompts: list[Prompt], max_new_to
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
     rows = []
-    # One generate() call takes one tool list, so runs of prompts with the same tools go together.
-    groups = itertools.groupby(prompts, key=lambda p: json.dumps(p.tools, sort_keys=True))
     with tqdm(total=len(prompts), desc="open answers", unit="question", leave=False) as bar:
-        for _, group in groups:
-            group = list(group)
+        for group in tool_runs(prompts):
             for start in range(0, len(group), batch_size):
                 batch = group[start:start + batch_size]
                 completions = engine.generate([p.messages for p in batch], params, batch[0].tools, batch_size)

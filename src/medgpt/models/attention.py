@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medgpt.models.lean import Recompute
+
 PACKED_SDPA = "sdpa_packed"
 
 
@@ -41,14 +43,17 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # enable_gqa is slow on CPU
     bounds = [*starts, query.shape[2]]
     dropout = dropout if module.training else 0.0
-    pieces = [
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-                                       scale=scaling, is_causal=True)
-        for a, b in zip(bounds, bounds[1:])
-    ]
+    with Recompute() as saved:  # SDPA keeps its inputs: keep the unexpanded keys and values, expand again
+        if groups > 1:  # enable_gqa is slow on CPU: expand explicitly
+            key = saved.derive(repeat_kv(key, groups), repeat_kv, key, groups)
+            value = saved.derive(repeat_kv(value, groups), repeat_kv, value, groups)
+        pieces = [
+            F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+                                           scale=scaling, is_causal=True)
+            for a, b in zip(bounds, bounds[1:])
+        ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -21,18 +21,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from medgpt.config import RunConfig, write_run_config
+from medgpt.config import RunConfig
 from medgpt.data.loading import load_stage_data
 from medgpt.data.records import MCQRecord, Message
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import start_from_adapter
 from medgpt.models.load import load_tokenizer
-from medgpt.report import METRICS_FILE
 from medgpt.rl.prompts import PROMPT_KINDS, record_prompt
-from medgpt.training.recipe import TrainingJob, add_new_tokens, begin_run, prepare_model, save_final
+from medgpt.training.recipe import add_new_tokens, begin_run, prepare_model, start_logs
 
 
 def encode_conversation(messages: list[Message], tools: list[dict] | None) -> str:
@@ -124,24 +122,5 @@ def prepare_policy(config: RunConfig, start: OnlineStart):
     args.activation_checkpointing = args.gradient_checkpointing = config.model.gradient_checkpointing
     model = prepare_model(config, start.tokenizer, None, loss_chunk_size=1024)
     stop_at_end_of_turn(model, start.chat_format)
-    output = Path(args.output_dir)
-    if args.process_index == 0:
-        if start.resume is None:
-            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
-        write_run_config(config, output)
+    start_logs(config, start.resume)
     return model
-
-
-def train_and_save(trainer, job: TrainingJob, resume: str | None, plots: tuple,
-                   final_stats: Callable[[Any], dict] | None = None) -> dict:
-    """Train (or resume), evaluate when there is a validation split, save; `final_stats(trainer)` adds numbers
-    known only after training."""
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if job.eval is not None and len(job.eval) > 0:
-        metrics.update(trainer.evaluate())
-    metrics.update(world_size=job.config.training.world_size, global_step=trainer.state.global_step, **job.stats)
-    if final_stats is not None:
-        metrics.update(final_stats(trainer))
-    save_final(trainer, job, metrics, plots=plots)
-    return metrics

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 from medgpt.data.readers import ReadOptions, ReadResult, RecordReader, collect, finish, raw_items, resolve_many
 from medgpt.data.records import DataError, InvalidDataError, Message, Record, Source, TextRecord
@@ -25,6 +25,7 @@ from medgpt.rl.prompts import record_prompt
 from medgpt.serve.engine import Completion, GenerationEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
+P = TypeVar("P")  # a prompt with `messages` and `tools`: this module's, or `medgpt.rl.prompts.Prompt`
 
 # Record kinds a prompt can be taken from (text: a .txt line or `text` field is asked as a question).
 PROMPT_KINDS = (*RECORD_PROMPT_KINDS, "text")
@@ -172,9 +173,14 @@ def predict(engine: GenerationEngine, prompts: list[Prompt], output: str | Path,
 
 def _answer(engine: GenerationEngine, batch: list[Prompt], params: SamplingParams | None,
             batch_size: int) -> list[Completion]:
-    # One generate() call takes one tool list, so runs of prompts with the same tools go together.
     completions = []
-    for _, group in itertools.groupby(batch, key=lambda p: json.dumps(p.tools, sort_keys=True)):
-        group = list(group)
-        completions += engine.generate([p.messages for p in group], params, group[0].tools, batch_size)
+    for run in tool_runs(batch):
+        completions += engine.generate([p.messages for p in run], params, run[0].tools, batch_size)
     return completions
+
+
+def tool_runs(prompts: Iterable[P]) -> Iterator[list[P]]:
+    """The prompts in order, cut into runs that share one tool list: one `GenerationEngine.generate` call takes
+    one tool list, so each run goes to the engine together."""
+    for _, run in itertools.groupby(prompts, key=lambda p: json.dumps(p.tools, sort_keys=True)):
+        yield list(run)

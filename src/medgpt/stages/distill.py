@@ -22,9 +22,9 @@ from trl import DistillationConfig, DistillationTrainer
 from medgpt.arguments import ModelArguments, documented
 from medgpt.config import ConfigError, RunConfig
 from medgpt.models.load import load_model, load_tokenizer
-from medgpt.rl.trl_prompts import ChatFormatPrompts, prepare_policy, prepare_prompts, train_and_save
+from medgpt.rl.trl_prompts import ChatFormatPrompts, prepare_policy, prepare_prompts
 from medgpt.stages import Stage, register
-from medgpt.training.recipe import TrainingJob, datasets_sources, standard_callbacks
+from medgpt.training.recipe import TrainingJob, datasets_sources, standard_callbacks, train_and_save
 
 logger = logging.getLogger(__name__)
 # DistillationConfig options for TRL's own teacher loading; ours loads the teacher, so they would do nothing.

@@ -23,19 +23,17 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
 from medgpt.arguments import documented
-from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
+from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_pair
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import start_from_adapter
 from medgpt.models.load import load_model_config, load_tokenizer
-from medgpt.report import METRICS_FILE
 from medgpt.stages import Stage, register
 from medgpt.training.preference_loss import orpo_loss, simpo_loss
 from medgpt.training.recipe import (
@@ -44,8 +42,9 @@ from medgpt.training.recipe import (
     begin_run,
     datasets_sources,
     prepare_model,
-    save_final,
     standard_callbacks,
+    start_logs,
+    train_and_save,
 )
 
 logger = logging.getLogger(__name__)
@@ -211,34 +210,22 @@ def setup(config: RunConfig):
     reference = None
     if not config.adapter.use_peft and own is None and not args.precompute_ref_log_probs:
         reference = copy.deepcopy(model).requires_grad_(False).eval()  # the policy as the stage starts
-    output = Path(args.output_dir)
-    if args.process_index == 0:
-        if resume is None:
-            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
-        write_run_config(config, output)
+    start_logs(config, resume)
     pref = config.extras.get(PreferenceArguments)
     trainer = PreferenceTrainer(
         model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=evaluation,
-        processing_class=tokenizer, callbacks=standard_callbacks(output), reference_free=own,
+        processing_class=tokenizer, callbacks=standard_callbacks(args.output_dir), reference_free=own,
         simpo_gamma=pref.simpo_gamma if pref else 0.5, keep_reference_adapter=start_adapter is not None,
     )
+    loss_type = "orpo" if config.stage == "orpo" else ",".join(args.loss_type)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
-                      stats={"pairs_" + k: v for k, v in info.items()})
+                      stats={"loss_type": loss_type, **{"pairs_" + k: v for k, v in info.items()}})
     return trainer, job, resume
 
 
 def run(config: RunConfig) -> dict:
     trainer, job, resume = setup(config)
-    # The Trainer never reads resume_from_checkpoint from its arguments: it must be passed here.
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if job.eval is not None and len(job.eval) > 0:
-        metrics.update(trainer.evaluate())
-    metrics.update(world_size=job.config.training.world_size, global_step=trainer.state.global_step,
-                   loss_type="orpo" if job.config.stage == "orpo" else ",".join(job.config.training.loss_type),
-                   **job.stats)
-    save_final(trainer, job, metrics, plots=PLOTS)
-    return metrics
+    return train_and_save(trainer, job, resume, PLOTS)
 
 
 register(Stage(

@@ -27,9 +27,9 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from medgpt.arguments import documented
 from medgpt.config import ConfigError, RunConfig
 from medgpt.rl import rewards
-from medgpt.rl.trl_prompts import ChatFormatPrompts, prepare_policy, prepare_prompts, train_and_save
+from medgpt.rl.trl_prompts import ChatFormatPrompts, prepare_policy, prepare_prompts
 from medgpt.stages import Stage, register
-from medgpt.training.recipe import TrainingJob, datasets_sources, standard_callbacks
+from medgpt.training.recipe import TrainingJob, datasets_sources, standard_callbacks, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def run(config: RunConfig) -> dict:
     plots = ((reward_keys, "reward.png", "mean reward (weighted sum) and each reward function"),
              (("kl", "entropy"), "kl.png", "KL to the reference and entropy"),
              (("completions/mean_length", "completions/mean_terminated_length"), "length.png", "completion length"))
-    return train_and_save(trainer, job, resume, plots, group_totals)
+    return train_and_save(trainer, job, resume, plots, final_stats=group_totals)
 
 
 register(Stage(

@@ -28,19 +28,18 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from pathlib import Path
 
 from trl import KTOConfig, KTOTrainer
 
-from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
+from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_kto, pairs_to_kto
 from medgpt.data.records import KTORecord, PreferencePair
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, start_from_adapter
+from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model, load_model_config, load_tokenizer
-from medgpt.report import METRICS_FILE
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
     TrainingJob,
@@ -48,8 +47,9 @@ from medgpt.training.recipe import (
     begin_run,
     datasets_sources,
     resize_for_tokenizer,
-    save_final,
     standard_callbacks,
+    start_logs,
+    train_and_save,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def prepare_policy(config: RunConfig, tokenizer, length: int | None):
     set_seed(config.training.seed)  # the adapter's initialisation follows `seed`
     model = load_model(config.model, tokenizer, context_length=length)
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
+    use_lean_activations(model)
     reference = None
     if config.adapter.use_peft:
         extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
@@ -187,24 +188,14 @@ def run(config: RunConfig) -> dict:
     weight_advice(info, args)
 
     model, reference = prepare_policy(config, tokenizer, max_length)
-    output = Path(args.output_dir)
-    if args.process_index == 0:
-        if resume is None:
-            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
-        write_run_config(config, output)
+    start_logs(config, resume)
     trainer = KTOFeaturesTrainer(model=model, ref_model=reference, args=args, train_dataset=train,
                                  eval_dataset=evaluation, processing_class=tokenizer,
-                                 callbacks=standard_callbacks(output))
+                                 callbacks=standard_callbacks(args.output_dir))
     use_disabled_adapter_as_reference(trainer, config)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if evaluation is not None and len(evaluation) > 0:
-        metrics.update(trainer.evaluate())
-    metrics.update(world_size=args.world_size, global_step=trainer.state.global_step,
-                   **{"kto_" + k: v for k, v in info.items()})
-    job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config))
-    save_final(trainer, job, metrics, plots=REWARD_PLOTS)
-    return metrics
+    job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
+                      stats={"kto_" + k: v for k, v in info.items()})
+    return train_and_save(trainer, job, resume, REWARD_PLOTS)
 
 
 register(Stage(

@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from medgpt.config import OWN_SECTIONS, ConfigError, RunConfig, write_run_config
+from medgpt.config import OWN_SECTIONS, ConfigError, RunConfig
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, start_from_adapter
+from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model, load_tokenizer
 from medgpt.report import METRICS_FILE
 from medgpt.rl import rewards
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.distributed import rank
-from medgpt.rl.ppo import PPOTrainer, RewardFunction
+from medgpt.rl.ppo import ROLLOUTS_FILE, PPOTrainer, RewardFunction
 from medgpt.rl.ppo_config import TRAINING_OPTIONS, PPOArguments
 from medgpt.rl.prompts import load_prompts
 from medgpt.rl.rollouts import EngineRollouts
@@ -36,6 +37,7 @@ from medgpt.training.recipe import (
     datasets_sources,
     resize_for_tokenizer,
     save_final,
+    start_logs,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ def prepare_policy(config: RunConfig, tokenizer, context_length: int):
     set_seed(config.training.seed)  # adapters and the value head initialise alike on every process
     model = load_model(config.model, tokenizer, context_length=context_length)
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
+    use_lean_activations(model)
     if config.adapter.use_peft:
         extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
         return attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
@@ -153,11 +156,7 @@ def setup(config: RunConfig):
     (network.value_head if quantised else network).to(args.device)
     trainable, total = count_parameters(network)
     logger.info("trainable parameters (actor + critic): %s of %s", f"{trainable:,}", f"{total:,}")
-    if args.process_index == 0:
-        if resume is None:
-            for name in (METRICS_FILE, "rollouts.jsonl"):
-                (Path(args.output_dir) / name).unlink(missing_ok=True)  # a fresh run starts fresh logs
-        write_run_config(config, args.output_dir)
+    start_logs(config, resume, logs=(METRICS_FILE, ROLLOUTS_FILE))
     trainer = PPOTrainer(network, tokenizer, chat, rollout_backend(config, network, tokenizer, chat), reward_funcs,
                          ppo, args, train)
     torch.manual_seed(args.seed + rank())  # processes sample different replies (a resume restores each RNG)

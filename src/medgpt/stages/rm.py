@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,15 +12,15 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from medgpt.arguments import documented
-from medgpt.config import ConfigError, RunConfig, check_context_length, write_run_config
+from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_pair
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers
+from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model, load_model_config, load_tokenizer
 from medgpt.models.reward import right_padded, use_last_token_reward
-from medgpt.report import METRICS_FILE
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
     TrainingJob,
@@ -29,13 +28,15 @@ from medgpt.training.recipe import (
     begin_run,
     datasets_sources,
     resize_for_tokenizer,
-    save_final,
     standard_callbacks,
+    start_logs,
+    train_and_save,
 )
 from medgpt.training.trainer import TrainingDiverged, diagnose_nan
 
 logger = logging.getLogger(__name__)
-
+PLOTS = ((("eval_reward_chosen", "eval_reward_rejected", "eval_margin", "eval_accuracy",
+           "reward_chosen", "reward_rejected", "margin", "accuracy"), "reward.png", "rewards and pairwise accuracy"),)
 
 
 @dataclass
@@ -170,6 +171,7 @@ def prepare_reward_model(config: RunConfig, tokenizer, context_length: int):
     set_seed(config.training.seed)  # the head's and the adapter's initialisation follow `seed`
     model = load_model(config.model, tokenizer, head="sequence_classification", context_length=context_length)
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
+    use_lean_activations(model)
     use_last_token_reward(model)
     if config.adapter.use_peft:
         save = ["score", "embed_tokens"] if vocabulary_changed else ["score"]
@@ -197,28 +199,16 @@ def run(config: RunConfig) -> dict:
         raise ConfigError(f"no preference pair fits max_length={rm.max_length} ({info}): raise max_length")
     model = prepare_reward_model(config, tokenizer, rm.max_length)
 
-    output = Path(args.output_dir)
-    if args.process_index == 0:
-        if resume is None:
-            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
-        write_run_config(config, output)
+    start_logs(config, resume)
     args.remove_unused_columns = False  # our columns are not forward() arguments
     args.label_names = []  # no labels: the loss comes from pairs
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                             data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                            callbacks=standard_callbacks(output), margin=rm.margin,
+                            callbacks=standard_callbacks(args.output_dir), margin=rm.margin,
                             center_coefficient=rm.center_rewards_coefficient)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if evaluation is not None and len(evaluation) > 0:
-        metrics.update(trainer.evaluate())
-    metrics.update(world_size=args.world_size, global_step=trainer.state.global_step,
-                   **{"rm_" + k: v for k, v in info.items()})
-    job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config))
-    rewards = ("eval_reward_chosen", "eval_reward_rejected", "eval_margin", "eval_accuracy",
-               "reward_chosen", "reward_rejected", "margin", "accuracy")
-    save_final(trainer, job, metrics, plots=[(rewards, "reward.png", "rewards and pairwise accuracy")])
-    return metrics
+    job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
+                      stats={"rm_" + k: v for k, v in info.items()})
+    return train_and_save(trainer, job, resume, PLOTS)
 
 
 register(Stage(

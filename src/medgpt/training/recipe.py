@@ -1,6 +1,6 @@
 """The training recipe stages share: check the output directory, train (or resume) a Trainer, save the
 final outputs. `train_causal_lm` is the causal-LM (PT, SFT) instance; other Trainer-based stages reuse
-`begin_run`, `standard_callbacks` and `save_final`.
+`begin_run`, `start_logs`, `standard_callbacks` and `train_and_save` (PPO, with its own loop, `save_final`).
 
 Output directory after a run: the model or adapter, tokenizer, chat template, `run_config.yaml`,
 `metrics.jsonl`, `loss.png`, `README.md` (model card) and, written last, `train_results.json` — a directory
@@ -16,17 +16,18 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from medgpt.config import RunConfig, write_run_config
 from medgpt.data.collators import PaddedCollator, PaddingFreeCollator
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, split_names
+from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model
 from medgpt.outputs import prepare_output_dir, write_model_card
 from medgpt.report import METRICS_FILE, MetricsWriter, plot_losses, plot_series, read_metrics
 from medgpt.serve.engine import save_template_name
-from medgpt.training.checkpoints import MarkCompleteCheckpoints, resolve_resume
+from medgpt.training.checkpoints import MarkCompleteCheckpoints, resolve_resume, resume_training
 from medgpt.training.trainer import CausalLMTrainer, use_chunked_loss
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,15 @@ def resize_for_tokenizer(model, tokenizer) -> bool:
 
 
 def prepare_model(config: RunConfig, tokenizer, context_length: int | None, loss_chunk_size: int):
-    """Load, extend the vocabulary, route the loss through the chunked path, attach LoRA or freeze layers."""
+    """Load, extend the vocabulary, route the loss through the chunked path, keep fewer activations for the
+    backward pass (`models/lean.py`), attach LoRA or freeze layers."""
     from transformers import set_seed
 
     set_seed(config.training.seed)  # the adapter's and new embeddings' initialisation follow `seed` too
     model = load_model(config.model, tokenizer, context_length=context_length)
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
     use_chunked_loss(model, loss_chunk_size)
+    use_lean_activations(model)
     if config.adapter.use_peft:
         extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
         model = attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
@@ -109,12 +112,8 @@ def begin_run(config: RunConfig) -> str | None:
 
 
 def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, Any]:
-    config, args = job.config, job.config.training
-    output = Path(args.output_dir)
-    if args.process_index == 0:
-        if resume is None:
-            (output / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
-        write_run_config(config, output)
+    args = job.config.training
+    start_logs(job.config, resume)
     # Our forward computes the loss and no logits; positions and labels are our own columns.
     neftune, args.neftune_noise_alpha = args.neftune_noise_alpha, None
     args.remove_unused_columns = False
@@ -124,17 +123,13 @@ def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, An
         use_packed_attention(model)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=job.train, eval_dataset=job.eval, data_collator=collator,
-        processing_class=job.tokenizer, callbacks=standard_callbacks(output), neftune_alpha=neftune,
+        processing_class=job.tokenizer, callbacks=standard_callbacks(args.output_dir), neftune_alpha=neftune,
     )
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {k: v for k, v in result.metrics.items()}
-    if job.eval is not None and len(job.eval) > 0:
-        evaluation = trainer.evaluate()
-        metrics.update(evaluation)
-        metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50))
-    metrics.update(world_size=args.world_size, global_step=trainer.state.global_step, **job.stats)
-    save_final(trainer, job, metrics)
-    return metrics
+    return train_and_save(trainer, job, resume, evaluated=perplexity)
+
+
+def perplexity(evaluation: dict[str, float]) -> dict[str, float]:
+    return {"eval_perplexity": math.exp(min(evaluation["eval_loss"], 50))}
 
 
 def use_packed_attention(model) -> None:
@@ -150,6 +145,38 @@ def use_packed_attention(model) -> None:
 def standard_callbacks(output_dir: str | Path) -> list:
     """metrics.jsonl for every logged step, and completion markers on checkpoints."""
     return [MetricsWriter(Path(output_dir) / METRICS_FILE), MarkCompleteCheckpoints()]
+
+
+def start_logs(config: RunConfig, resume: str | None, logs: tuple[str, ...] = (METRICS_FILE,)) -> None:
+    """run_config.yaml into the output directory; the logs start afresh unless resuming (a resumed run trims and
+    appends to them)."""
+    args = config.training
+    if args.process_index == 0:
+        if resume is None:
+            for name in logs:
+                (Path(args.output_dir) / name).unlink(missing_ok=True)
+        write_run_config(config, args.output_dir)
+
+
+def train_and_save(trainer, job: TrainingJob, resume: str | None, plots: tuple = (),
+                   evaluated: Callable[[dict], dict] | None = None,
+                   final_stats: Callable[[Any], dict] | None = None) -> dict[str, Any]:
+    """Train (or resume), evaluate when there is a validation split, save; the metrics, as train_results.json.
+
+    `evaluated(evaluation)` adds numbers derived from the evaluation (perplexity), `final_stats(trainer)` numbers
+    known only after training; `job.stats` (data counts) go in as they are.
+    """
+    metrics = resume_training(trainer, resume)
+    if job.eval is not None and len(job.eval) > 0:
+        evaluation = trainer.evaluate()
+        metrics.update(evaluation)
+        if evaluated is not None:
+            metrics.update(evaluated(evaluation))
+    metrics.update(world_size=job.config.training.world_size, global_step=trainer.state.global_step, **job.stats)
+    if final_stats is not None:
+        metrics.update(final_stats(trainer))
+    save_final(trainer, job, metrics, plots=plots)
+    return metrics
 
 
 def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple = ()) -> None:
