@@ -16,7 +16,7 @@ import uvicorn
 
 from medgpt.cli import main
 from medgpt.data.records import Message
-from medgpt.serve import check_api_exposure
+from medgpt.serve import check_api_exposure, protocol
 from medgpt.serve.api import ServerSettings, create_app
 from medgpt.serve.engine import GenerationEngine, SamplingParams
 from medgpt.serve.protocol import safe_prefix_length, split_tool_calls
@@ -109,7 +109,14 @@ def test_text_completions_continue_the_raw_prompt(engine, base_url):
     assert reply.usage.prompt_tokens == len(engine.text_prompt_ids("The heart pumps"))
     streamed = client(base_url).completions.create(model=MODEL, prompt="The heart pumps", max_tokens=6,
                                                    temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in streamed).strip() == expected.text
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+def test_a_raw_continuation_keeps_its_spaces_and_a_chat_answer_is_stripped(engine):
+    ids = engine.tokenizer.encode(" blood through the body\n", add_special_tokens=False)
+    assert engine._finish(ids, SamplingParams()).text == " blood through the body\n"  # "pumps" + " blood"
+    answer = protocol.chat_choice(0, engine._finish(ids, SamplingParams()), tools_offered=False)
+    assert answer["message"]["content"] == "blood through the body"
 
 
 def test_n_seed_and_stop(engine, base_url):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-
 from medgpt.serve.engine import GenerationEngine, SamplingParams
 
 
@@ -37,26 +35,14 @@ class EngineRollouts:
         self.engine = engine
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         engine = self.engine
         stop_ids = set(engine.chat_format.stop_token_ids())
-        responses: list[list[int]] = []
         was_training = engine.model.training
         engine.model.eval()  # keeps the KV cache on under gradient checkpointing
-        with engine.lock:
-            for start in range(0, len(prompts), self.batch_size):
-                ids, mask = engine._left_padded(prompts[start:start + self.batch_size])
-                out = engine.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(params))
-                responses += [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1]:].tolist()]
+        rows = engine.generate_rows(prompts, params, self.batch_size)
         engine.model.train(was_training)
-        return responses
-
-    def _kwargs(self, params: SamplingParams) -> dict:
-        kwargs = self.engine._generation_kwargs(params)
-        # top_k None would let generation_config's default (50) truncate the policy; 0 switches it off.
-        kwargs["top_k"] = params.top_k
-        return kwargs
+        return [cut_at_stop(row, stop_ids) for row in rows]
 
     def sync(self, policy, step: int) -> None:
         return None  # generation runs on the live weights

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -130,35 +130,44 @@ class GenerationEngine:
                 text, reason = text[: text.index(stop)], "stop"
         if reason == "length" and len(new_ids) < params.max_new_tokens:
             reason = "stop"  # a multi-token stop string ended generation
-        return Completion(text.strip(), 0, len(kept) if cut is not None else len(new_ids), reason)
+        return Completion(text, 0, len(kept) if cut is not None else len(new_ids), reason)
 
     def generate(self, conversations: list[list[Message]], params: SamplingParams | None = None,
                  tools: list[dict] | None = None, batch_size: int = 8) -> list[Completion]:
-        """Answer each conversation (its last turn is the user's); batches are left-padded."""
-        return self.generate_ids([self.chat_format.prompt_ids(c, tools) for c in conversations], params, batch_size)
+        """Answer each conversation (its last turn is the user's); batches are left-padded. An answer's text is
+        stripped (`generate_ids` keeps a raw continuation's leading space)."""
+        completions = self.generate_ids([self.chat_format.prompt_ids(c, tools) for c in conversations], params,
+                                        batch_size)
+        return [replace(c, text=c.text.strip()) for c in completions]
 
     def text_prompt_ids(self, text: str) -> list[int]:
         """A raw text prompt (no chat template), tokenised as the tokenizer does by default."""
         return self.tokenizer.encode(text)
 
-    @torch.inference_mode()
     def generate_ids(self, all_prompts: list[list[int]], params: SamplingParams | None = None,
                      batch_size: int = 8) -> list[Completion]:
         """Continue each prompt of token ids (a rendered chat prompt or raw text)."""
         params = params or SamplingParams()
         results: list[Completion] = []
+        for prompt, row in zip(all_prompts, self.generate_rows(all_prompts, params, batch_size)):
+            completion = self._finish(row, params)
+            completion.prompt_tokens = len(prompt)
+            results.append(completion)
+        return results
+
+    @torch.inference_mode()
+    def generate_rows(self, all_prompts: list[list[int]], params: SamplingParams, batch_size: int = 8) -> list[list[int]]:
+        """The new token ids `generate` made for each prompt, as they come: a row that stopped early ends in
+        padding (RL rollouts cut it themselves, keeping the end-of-turn token)."""
+        rows: list[list[int]] = []
         with self.lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(all_prompts), batch_size):
-                prompts = all_prompts[start:start + batch_size]
-                ids, mask = self._left_padded(prompts)
+                ids, mask = self._left_padded(all_prompts[start:start + batch_size])
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generation_kwargs(params))
-                for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
-                    completion = self._finish(row, params)
-                    completion.prompt_tokens = len(prompt)
-                    results.append(completion)
-        return results
+                rows += out[:, ids.shape[1]:].tolist()
+        return rows
 
     # ---------------------------------------------------------------------------------------- streaming
 

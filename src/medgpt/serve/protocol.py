@@ -178,7 +178,8 @@ def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
 
 
 def chat_choice(index: int, completion: Completion, tools_offered: bool) -> dict:
-    content, calls = split_tool_calls(completion.text) if tools_offered else (completion.text, [])
+    text = completion.text.strip()  # a chat answer; /v1/completions keeps the raw continuation
+    content, calls = split_tool_calls(text) if tools_offered else (text, [])
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
