@@ -1,5 +1,5 @@
-"""The demo data: valid, big enough for each stage (issue 6's minimums), and evaluation sets held out from every
-training file, word for word and near word for word."""
+"""The demo data: valid, big enough for each stage (issue 6's minimums), and evaluation sets (held-out preference
+pairs included) held out from every training file, word for word and near word for word."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from medgpt.data.readers import read_records
 from medgpt.data.records import Conversation, MCQRecord, PreferencePair, QARecord, TextRecord
 
 TRAINING_FILES = ["pretrain", "sft", "preference", "grpo"]
+HELD_OUT_PAIRS = "eval/preference_heldout.jsonl"  # reward-model accuracy on pairs no stage trains on
 CJK = re.compile(r"[\u4e00-\u9fff]")
 NEAR_DUPLICATE = 0.8  # difflib ratio of normalised token sequences from which two questions count as one
 
@@ -58,7 +59,7 @@ def test_demo_data_covers_multi_turn_system_prompts_and_tools():
 
 @pytest.mark.parametrize("folder, kind, share", [
     ("pretrain", "text", 0.05), ("sft", "conversation", 0.05), ("preference", "preference", 0.05),
-    ("grpo", "qa", 0.05), ("eval/mcq.jsonl", "mcq", 0.03),
+    ("grpo", "qa", 0.05), ("eval/mcq.jsonl", "mcq", 0.03), (HELD_OUT_PAIRS, "preference", 0.05),
 ])
 def test_every_set_is_mostly_english_with_some_chinese(folder, kind, share):
     records = _records(folder, kind)
@@ -81,11 +82,13 @@ def test_grpo_references_are_short_enough_for_an_automatic_reward():
     assert len(questions) == len(set(questions))
 
 
-def test_preference_pairs_differ_and_prompts_are_not_repeated():
-    records = _records("preference", "preference")
+@pytest.mark.parametrize("path, minimum", [("preference", 200), (HELD_OUT_PAIRS, 40)])
+def test_preference_pairs_differ_and_prompts_are_not_repeated(path, minimum):
+    records = _records(path, "preference")
+    assert len(records) >= minimum
     assert all(_record_text(r.chosen) != _record_text(r.rejected) for r in records)
     longer = sum(len(_record_text(r.chosen)) > len(_record_text(r.rejected)) for r in records)
-    assert longer <= 0.65 * len(records), "length alone would tell chosen from rejected"
+    assert 0.35 * len(records) <= longer <= 0.65 * len(records), "length alone would tell chosen from rejected"
     prompts = [_normalise(_record_text(r.prompt)) for r in records]
     assert len(prompts) == len(set(prompts))
 
@@ -120,12 +123,22 @@ def test_near_duplicate_check_catches_a_lightly_edited_question():
     assert _similar(question, edited) and not _similar(question, _normalise(_training_prompts()[0]))
 
 
-def test_held_out_text_shares_no_60_character_window_with_training_files():
+def test_held_out_pairs_ask_what_no_other_evaluation_set_asks():
+    others = [_normalise(q) for q in _question_set_questions()]
+    near = [(q, o) for q in map(_normalise, _held_out_pair_questions()) for o in others if _similar(q, o)]
+    assert not near
+
+
+@pytest.mark.parametrize("texts, minimum", [
+    (lambda: [r.text for r in _records("eval/heldout_text.txt", "text")], 800),
+    (lambda: [_record_text(r.chosen + r.rejected) for r in _records(HELD_OUT_PAIRS, "preference")], 1000),
+], ids=["perplexity-text", "preference-answers"])
+def test_held_out_text_shares_no_60_character_window_with_training_files(texts, minimum):
     training = _normalise(_training_text())
-    held_out = [_normalise(r.text) for r in _records("eval/heldout_text.txt", "text")]
+    held_out = [_normalise(text) for text in texts()]
     assert len(held_out) >= 20
     windows = {text[i:i + 60] for text in held_out for i in range(0, len(text) - 60, 20)}
-    assert len(windows) > 800
+    assert len(windows) > minimum
     assert not [w for w in windows if w in training]
 
 
@@ -172,7 +185,18 @@ def _training_text() -> str:
 
 @cache
 def _evaluation_questions() -> list[str]:
+    return _question_set_questions() + _held_out_pair_questions()
+
+
+@cache
+def _question_set_questions() -> list[str]:
     return [r.question for name in ("mcq.jsonl", "open_questions.jsonl") for r in _records(f"eval/{name}")]
+
+
+@cache
+def _held_out_pair_questions() -> list[str]:
+    """Every user turn of the held-out pairs' prompts (earlier turns of a conversation included)."""
+    return [m.content for r in _records(HELD_OUT_PAIRS, "preference") for m in r.prompt if m.role == "user"]
 
 
 @cache

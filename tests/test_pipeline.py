@@ -100,7 +100,8 @@ def test_a_bad_data_line_in_a_later_stage_fails_before_the_first_stage(tmp_path,
 def test_pipeline_runs_skips_resumes_and_reruns_from_a_stage(tmp_path, tiny_model_dir, in_repo, private_cache):
     config = write(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tiny_model_dir, open_file=str(DEMO / "eval" / "open_questions.jsonl"),
                                                       max_new_tokens=4, reward_model="${rm.adapter}",
-                                                      compare={"dpo": "sft"}))
+                                                      compare={"dpo": "sft"},
+                                                      preference_file=str(DEMO / "eval" / "preference_heldout.jsonl")))
     report = run_pipeline(config)
     out = tmp_path / "out"
     for name in ("pt", "sft", "rm", "dpo"):
@@ -111,19 +112,26 @@ def test_pipeline_runs_skips_resumes_and_reruns_from_a_stage(tmp_path, tiny_mode
     for name in ("base", "pt", "sft", "dpo"):  # every chat model evaluated, the reward model not
         metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
         assert metrics["perplexity"] > 1 and 0 <= metrics["mcq_accuracy"] <= 1
-    assert not (out / "eval" / "rm").exists()
+        assert "reward_accuracy" not in metrics  # held-out pairs measure the reward model, once
+    held_out = json.loads((out / "eval" / "rm" / "metrics.json").read_text())
+    assert held_out["reward_n"] == 40 and 0 <= held_out["reward_accuracy"] <= 1 and "perplexity" not in held_out
+    assert "reward_mean" in json.loads((out / "eval" / "dpo" / "metrics.json").read_text())  # after the RM
+    assert "reward_mean" not in json.loads((out / "eval" / "sft" / "metrics.json").read_text())  # before it
     wins = json.loads((out / "eval" / "win_rates.json").read_text())
     assert 0 <= wins["dpo vs sft"]["win_rate"] <= 1
     text = report.read_text()
     for piece in ("| pt | pt | done", "| dpo | dpo | done", "Held-out perplexity: base", "Reward-model win rate dpo vs sft",
+                  "on 40 held-out pairs",
                   "Sample answers", "![pt: loss](pt/loss.png)"):
         assert piece in text, piece
     assert "<table>" in (out / "report.html").read_text()
 
     # run again: nothing trains (results untouched)
     stamps = {n: (out / n / "train_results.json").stat().st_mtime_ns for n in ("pt", "sft", "rm", "dpo")}
+    evaluated = {n: (out / "eval" / n / "metrics.json").stat().st_mtime_ns for n in ("base", "pt", "sft", "rm", "dpo")}
     run_pipeline(config)
     assert {n: (out / n / "train_results.json").stat().st_mtime_ns for n in stamps} == stamps
+    assert {n: (out / "eval" / n / "metrics.json").stat().st_mtime_ns for n in evaluated} == evaluated
 
     # dpo killed after step 1 (state says running, step 2 and the final save missing) resumes from checkpoint-1
     state_file = out / ".pipeline" / "dpo.json"
@@ -143,6 +151,9 @@ def test_pipeline_runs_skips_resumes_and_reruns_from_a_stage(tmp_path, tiny_mode
     run_pipeline(config, from_stage="rm")
     assert (out / "pt" / "train_results.json").stat().st_mtime_ns == stamps["pt"]
     assert (out / "rm" / "train_results.json").stat().st_mtime_ns != stamps["rm"]
+    # the new reward model is measured again and re-scores the answers after it; the evaluations before it stand
+    after = {n: (out / "eval" / n / "metrics.json").stat().st_mtime_ns for n in evaluated}
+    assert after["sft"] == evaluated["sft"] and after["rm"] != evaluated["rm"] and after["dpo"] != evaluated["dpo"]
 
 
 def test_cli_check_prints_the_plan(tmp_path, tiny_model_dir, in_repo):

@@ -249,9 +249,12 @@ def run_pipeline(path: str | Path, from_stage: str | None = None) -> Path:
     write_pipeline_report(pipeline)
     for planned in pipeline.stages:
         run_stage(pipeline, planned, force=planned.name in forced)
-        if planned.stage.name not in REWARD_STAGES:  # the run's finish time: a rerun is evaluated again
-            finished = stage_state(pipeline, planned.name).get("finished")
-            evaluate(pipeline, planned.name, str(planned.output), fingerprint=f"{planned.fingerprint}-{finished}")
+        # The run's finish time is part of the key: a rerun stage is evaluated again.
+        fingerprint = f"{planned.fingerprint}-{stage_state(pipeline, planned.name).get('finished')}"
+        if planned.stage.name in REWARD_STAGES:
+            evaluate_reward_model(pipeline, planned.name, fingerprint)
+        else:
+            evaluate(pipeline, planned.name, str(planned.output), fingerprint=fingerprint)
         write_pipeline_report(pipeline)
     compare_answers(pipeline)
     return write_pipeline_report(pipeline)
@@ -305,20 +308,58 @@ def run_stage(pipeline: Pipeline, planned: PlannedStage, force: bool = False) ->
 
 
 def evaluate(pipeline: Pipeline, name: str, model: str, fingerprint: str) -> dict[str, Any] | None:
-    """Evaluate one model (cached by fingerprint), writing `OUTPUT/eval/NAME/`."""
+    """Evaluate one chat model (cached by fingerprint), writing `OUTPUT/eval/NAME/`. Held-out preference pairs
+    measure the reward model, not this model: they are scored once per reward stage (`evaluate_reward_model`),
+    or here when the reward model comes from outside the pipeline."""
+    spec_values = dict(pipeline.evaluation)
+    reward_model = spec_values.get("reward_model")
+    trained_here = reward_stage_of(pipeline, reward_model)
+    if trained_here is not None or not reward_model:
+        spec_values.pop("preference_file", None)
+    if not any(k in spec_values for k in ("perplexity_file", "mcq_file", "open_file", "preference_file")):
+        return None
+    names = [s.name for s in pipeline.stages]
+    if trained_here is not None and (name not in names or names.index(name) < names.index(trained_here)):
+        # Trained later in this run (maybe again, after --from): a reward model from an earlier run must not
+        # score these answers; compare_answers scores them with the final one.
+        spec_values.pop("reward_model")
+    elif trained_here is not None:  # answers scored by a reward model that was retrained are scored again
+        state = stage_state(pipeline, trained_here)
+        fingerprint += f"-{state.get('fingerprint')}-{state.get('finished')}"
+    return _cached_evaluation(pipeline, name, model, spec_values, fingerprint)
+
+
+def evaluate_reward_model(pipeline: Pipeline, name: str, fingerprint: str) -> dict[str, Any] | None:
+    """Accuracy of the reward stage NAME on the evaluation's held-out preference pairs (when it is the
+    evaluation's reward model, or there is none), writing `OUTPUT/eval/NAME/`."""
+    pairs = pipeline.evaluation.get("preference_file")
+    judge = pipeline.evaluation.get("reward_model")
+    if not pairs or (judge and reward_stage_of(pipeline, judge) != name):
+        return None
+    model = str(pipeline.model_of(name))
+    spec_values = {"preference_file": pairs, "reward_model": model,
+                   **{k: v for k, v in pipeline.evaluation.items() if k in ("max_length", "batch_size", "torch_dtype")}}
+    return _cached_evaluation(pipeline, name, model, spec_values, fingerprint)
+
+
+def reward_stage_of(pipeline: Pipeline, reward_model: str | None) -> str | None:
+    """The pipeline stage whose model `reward_model` is (`${rm.output}`), if any."""
+    for planned in pipeline.stages:
+        if reward_model and planned.stage.name in REWARD_STAGES and \
+                str(reward_model) in (str(pipeline.model_of(planned.name)), str(planned.output)):
+            return planned.name
+    return None
+
+
+def _cached_evaluation(pipeline: Pipeline, name: str, model: str, spec_values: dict[str, Any],
+                       fingerprint: str) -> dict[str, Any]:
     from medgpt.evaluation import EvalSpec, evaluate_model
 
-    if not any(k in pipeline.evaluation for k in ("perplexity_file", "mcq_file", "open_file", "preference_file")):
-        return None
-    spec_values = dict(pipeline.evaluation)
     done_key = hashlib.sha256((fingerprint + json.dumps(spec_values, sort_keys=True, default=str)).encode()).hexdigest()[:16]
     directory = pipeline.output_dir / "eval" / name
     marker = pipeline.output_dir / STATE_DIR / f"eval-{name}.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == done_key and (directory / "metrics.json").is_file():
         return json.loads((directory / "metrics.json").read_text())
-    reward_model = spec_values.get("reward_model")
-    if reward_model and not Path(reward_model).exists():
-        spec_values.pop("reward_model")  # trained by a later stage: score answers once it exists (compare_answers)
     logger.info("evaluating %s (%s)", name, model)
     started = time.perf_counter()
     metrics = evaluate_model(model, EvalSpec(**spec_values), output_dir=directory)

@@ -252,8 +252,23 @@ def _clip(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _reward_model_lines(name: str, result: dict, held_out: dict) -> list[str]:
+    """Pairwise accuracy on the stage's validation split and on the evaluation's held-out pairs, against chance."""
+    parts = []
+    for accuracy, n, where in ((result.get("eval_accuracy"), result.get("rm_eval_pairs"), "its validation split"),
+                               (held_out.get("reward_accuracy"), held_out.get("reward_n"), "held-out pairs")):
+        if isinstance(accuracy, (int, float)):
+            size = f"{n} " if isinstance(n, int) and n else ""
+            error = f", one standard error {math.sqrt(0.25 / n):.3f}" if isinstance(n, int) and n else ""
+            parts.append(f"{accuracy:.3f} on {size}{where} ({'above' if accuracy > 0.5 else 'not above'} chance 0.5"
+                         f"{error})")
+    return [f"Reward model `{name}`: accuracy " + "; ".join(parts) + "."] if parts else []
+
+
 def _what_moved(pipeline, evals: dict, results: dict, wins: dict) -> list[str]:
     """Plain statements computed from the numbers, including when something did not move."""
+    from medgpt.pipeline import REWARD_STAGES
+
     lines = []
     order = [n for n in evals if evals[n]]
     ppl = [(n, evals[n]["perplexity"]) for n in order if "perplexity" in evals[n]]
@@ -273,11 +288,8 @@ def _what_moved(pipeline, evals: dict, results: dict, wins: dict) -> list[str]:
                      + (f" (chance {chance:.2f})" if chance else "")
                      + f"; one standard error is about {se:.3f}, so smaller differences are noise.")
     for name, result in results.items():
-        stage = pipeline.stage(name).stage.name
-        accuracy = result.get("eval_accuracy")
-        if stage in ("rm",) and isinstance(accuracy, (int, float)):
-            verdict = "above" if accuracy > 0.5 else "not above"
-            lines.append(f"Reward model `{name}`: accuracy {accuracy:.3f} on its held-out pairs, {verdict} chance (0.5).")
+        if pipeline.stage(name).stage.name in REWARD_STAGES:
+            lines += _reward_model_lines(name, result, _read_json(pipeline.output_dir / "eval" / name / "metrics.json"))
     for pair, w in wins.items():
         if isinstance(w, dict) and "win_rate" in w:
             means = (f"; mean reward {w['reward_mean_a']:.3f} vs {w['reward_mean_b']:.3f}"

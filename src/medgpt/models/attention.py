@@ -45,15 +45,15 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     groups = getattr(module, "num_key_value_groups", 1)
     bounds = [*starts, query.shape[2]]
     dropout = dropout if module.training else 0.0
+    pieces = []
     with Recompute() as saved:  # SDPA keeps its inputs: keep the unexpanded keys and values, expand again
-        if groups > 1:  # enable_gqa is slow on CPU: expand explicitly
-            key = saved.derive(repeat_kv(key, groups), repeat_kv, key, groups)
-            value = saved.derive(repeat_kv(value, groups), repeat_kv, value, groups)
-        pieces = [
-            F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-                                           scale=scaling, is_causal=True)
-            for a, b in zip(bounds, bounds[1:])
-        ]
+        for a, b in zip(bounds, bounds[1:]):
+            keys, values = key[:, :, a:b], value[:, :, a:b]
+            if groups > 1:  # enable_gqa is slow on CPU: expand explicitly, one document at a time
+                keys = saved.derive(repeat_kv(keys, groups), repeat_kv, keys, groups)
+                values = saved.derive(repeat_kv(values, groups), repeat_kv, values, groups)
+            pieces.append(F.scaled_dot_product_attention(query[:, :, a:b], keys, values, dropout_p=dropout,
+                                                         scale=scaling, is_causal=True))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -207,7 +207,8 @@ def run(config: RunConfig) -> dict:
                             callbacks=standard_callbacks(args.output_dir), margin=rm.margin,
                             center_coefficient=rm.center_rewards_coefficient)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
-                      stats={"rm_" + k: v for k, v in info.items()})
+                      stats={**{"rm_" + k: v for k, v in info.items()},
+                             "rm_eval_pairs": len(evaluation) if evaluation is not None else 0})
     return train_and_save(trainer, job, resume, PLOTS)
 
 
