@@ -14,6 +14,8 @@ import yaml
 from conftest import DEMO, ROOT
 from medgpt.config import ConfigError
 from medgpt.data.records import InvalidDataError
+import medgpt.pipeline as pipeline_module
+from medgpt.evaluation import EvalSpec
 from medgpt.pipeline import check_data, load_pipeline, run_pipeline, stage_state
 from medgpt.report import read_metrics
 
@@ -154,6 +156,27 @@ def test_pipeline_runs_skips_resumes_and_reruns_from_a_stage(tmp_path, tiny_mode
     # the new reward model is measured again and re-scores the answers after it; the evaluations before it stand
     after = {n: (out / "eval" / n / "metrics.json").stat().st_mtime_ns for n in evaluated}
     assert after["sft"] == evaluated["sft"] and after["rm"] != evaluated["rm"] and after["dpo"] != evaluated["dpo"]
+
+
+@pytest.mark.parametrize("open_questions", [True, False], ids=["open", "no-open"])
+def test_each_evaluation_gets_only_what_it_can_measure(tmp_path, tiny_model_dir, in_repo, monkeypatch, open_questions):
+    pairs = str(DEMO / "eval" / "preference_heldout.jsonl")
+    extra = {"open_file": str(DEMO / "eval" / "open_questions.jsonl")} if open_questions else {}
+    pipeline = load_pipeline(write(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tiny_model_dir, **extra,
+                                                                       reward_model="${rm.adapter}",
+                                                                       preference_file=pairs)))
+    specs = {}
+    monkeypatch.setattr(pipeline_module, "_cached_evaluation",
+                        lambda p, name, model, values, key: specs.setdefault(name, values))
+    for name in ("base", "pt", "sft", "dpo"):  # rm is stage 3: dpo (stage 4) is judged by it, the others not
+        pipeline_module.evaluate(pipeline, name, "m", "key")
+    pipeline_module.evaluate_reward_model(pipeline, "rm", "key")
+    for values in specs.values():
+        EvalSpec(**values).check()  # every spec is one `medgpt eval` accepts
+    assert [n for n, v in specs.items() if "preference_file" in v] == ["rm"]
+    judged = [n for n, v in specs.items() if "reward_model" in v]
+    assert judged == (["dpo", "rm"] if open_questions else ["rm"])
+    assert specs["rm"]["reward_model"] == str(tmp_path / "out" / "rm")
 
 
 def test_cli_check_prints_the_plan(tmp_path, tiny_model_dir, in_repo):

@@ -310,16 +310,18 @@ def run_stage(pipeline: Pipeline, planned: PlannedStage, force: bool = False) ->
 def evaluate(pipeline: Pipeline, name: str, model: str, fingerprint: str) -> dict[str, Any] | None:
     """Evaluate one chat model (cached by fingerprint), writing `OUTPUT/eval/NAME/`. Held-out preference pairs
     measure the reward model, not this model: they are scored once per reward stage (`evaluate_reward_model`),
-    or here when the reward model comes from outside the pipeline."""
+    or with the base model when the reward model comes from outside the pipeline."""
     spec_values = dict(pipeline.evaluation)
     reward_model = spec_values.get("reward_model")
     trained_here = reward_stage_of(pipeline, reward_model)
-    if trained_here is not None or not reward_model:
+    if trained_here is not None or not reward_model or name != "base":
         spec_values.pop("preference_file", None)
     if not any(k in spec_values for k in ("perplexity_file", "mcq_file", "open_file", "preference_file")):
         return None
     names = [s.name for s in pipeline.stages]
-    if trained_here is not None and (name not in names or names.index(name) < names.index(trained_here)):
+    if not ("open_file" in spec_values or "preference_file" in spec_values):
+        spec_values.pop("reward_model", None)  # nothing here for it to score
+    elif trained_here is not None and (name not in names or names.index(name) < names.index(trained_here)):
         # Trained later in this run (maybe again, after --from): a reward model from an earlier run must not
         # score these answers; compare_answers scores them with the final one.
         spec_values.pop("reward_model")
