@@ -145,8 +145,14 @@ def test_only_the_standard_gated_mlp_is_replaced(tiny_model_dir):
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
 
-    module = Different()
-    assert use_lean_activations(module) == 0
+    class MoreAfter(Different):  # the very expression, then dropout (transformers' SeedOssMLP): also left alone
+        def forward(self, x):
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            down_proj = torch.nn.functional.dropout(down_proj, p=0.1, training=self.training)
+            return down_proj
+
+    assert use_lean_activations(Different()) == 0
+    assert use_lean_activations(MoreAfter()) == 0
     model = load(tiny_model_dir, "sdpa", lora=False)
     assert use_lean_activations(model) == LAYERS
     assert use_lean_activations(model) == 0  # idempotent

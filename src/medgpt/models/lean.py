@@ -8,15 +8,17 @@ recipe and recomputed in the backward pass (two elementwise operations a layer).
 expands keys and values to every query head before SDPA, which then keeps the expanded copies; the packed
 attention path (`models/attention.py`) stores the unexpanded ones and expands again when the backward needs them.
 
-On SmolLM2-135M (and the Qwen/Llama shapes) this drops about a third of the activation memory, with the same
-gradients (tests/test_lean.py). It is a no-op while activation checkpointing (or anything else) has installed
+On a 1,024-token packed row of SmolLM2-135M this keeps 29% less for the backward pass (0.92 instead of 1.29 GB),
+with the same gradients (tests/test_lean.py). It is a no-op while activation checkpointing (or anything else) has installed
 saved-tensor hooks: those already decide what is kept, and an inner hook would override them.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
+import textwrap
 from typing import Callable
 
 import torch
@@ -106,14 +108,24 @@ def lean_gated_mlp_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_gated_mlp(module: torch.nn.Module) -> bool:
-    cls = type(module)
+    """True when the class's forward is exactly `return EXPR` (or `y = EXPR; return y`) with EXPR the gated MLP:
+    anything more (dropout, a residual, experts) and the module keeps its own forward."""
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
     try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
+        function = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
         return False
-    return GATED_MLP_FORWARD in " ".join(source.split())
+    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+        expression = body[0].value
+    elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+          and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+          and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        expression = body[0].value
+    else:
+        return False
+    return ast.unparse(expression) == GATED_MLP_FORWARD
 
 
 def use_lean_activations(model: torch.nn.Module) -> int:
