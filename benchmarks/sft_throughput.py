@@ -26,6 +26,7 @@ peak RSS.
     .venv/bin/python benchmarks/sft_throughput.py --data ../shared/fixtures/medicalgpt/medical_sft_1K_format.jsonl
     .venv/bin/python benchmarks/sft_throughput.py --steps 3 --warmup 1 --max-records 20   # smoke run
     .venv/bin/python benchmarks/sft_throughput.py --only ours                              # one trainer
+    .venv/bin/python benchmarks/sft_throughput.py --trainers ours --loss-chunk-size 1024   # ours, another chunk
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def job_options(args, output_dir: str) -> dict:
         "report_to": "none",
         "disable_tqdm": True,
         "seed": args.seed,
+        **({"loss_chunk_size": args.loss_chunk_size} if args.loss_chunk_size else {}),
     }
 
 
@@ -409,7 +411,7 @@ def parent(args) -> int:
     order = [t for t in TRAINERS if t in args.trainers]
     common = ["--data", str(args.data), "--max-records", str(args.max_records), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
-              "--seed", str(args.seed), "--threads", str(threads)]
+              "--seed", str(args.seed), "--threads", str(threads), "--loss-chunk-size", str(args.loss_chunk_size)]
     runs: dict[str, list[dict]] = {name: [] for name in order}
     print(f"SFT throughput: data={args.data} first {args.max_records} records, {args.steps} steps "
           f"({args.warmup} warm-up), batch {args.batch}, max_length {args.max_length}, fp32, {threads} torch threads, "
@@ -483,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="per-device batch size (default 4)")
     p.add_argument("--max-length", type=int, default=512, help="longest sample in tokens (default 512)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--loss-chunk-size", type=int, default=0, help="ours: loss_chunk_size (default: the stage's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every child (default: CPUs available)")
     p.add_argument("--rounds", type=int, default=1, help="repeat ours/plain/trl this many times, rotating the order; "
                    "rows report medians (default 1)")

@@ -8,8 +8,8 @@ recipe and recomputed in the backward pass (two elementwise operations a layer).
 expands keys and values to every query head before SDPA, which then keeps the expanded copies; the packed
 attention path (`models/attention.py`) stores the unexpanded ones and expands again when the backward needs them.
 
-On a 1,024-token packed row of SmolLM2-135M this keeps 29% less for the backward pass (0.92 instead of 1.29 GB),
-with the same gradients (tests/test_lean.py). It is a no-op while activation checkpointing (or anything else) has installed
+On a 1,024-token packed row of SmolLM2-135M this keeps 37% less for the backward pass (0.88 instead of 1.40 GB,
+benchmarks/activation_memory.py), with the same gradients (tests/test_lean.py). It is a no-op while activation checkpointing (or anything else) has installed
 saved-tensor hooks: those already decide what is kept, and an inner hook would override them.
 """
 
