@@ -125,7 +125,7 @@ def test_impossible_combinations_fail_with_the_fix():
         ({"load_in_4bit": True, "load_in_8bit": True}, "choose one"),
         ({"load_in_8bit": True, "use_peft": False}, "cannot be trained in full"),
         ({"freeze_trainable_layers": 2}, "set use_peft: false"),
-        ({"streaming": True}, "streaming reads corpora larger than memory for PT"),
+        ({"streaming": True}, "streaming \\(an option of stage pt, not sft\\)"),
         ({"rope_scaling": "ntk"}, "linear, dynamic, yarn"),
         ({"template": "chatm"}, "chatml"),
         ({"model_name_or_path": None}, "model_name_or_path is required"),

@@ -134,7 +134,7 @@ def test_max_errors_limits_the_errors_shown_per_file(capsys, tmp_path):
     assert code == 1
     assert f"  {path}:1: conversations[0]: assistant turn after nothing" in out
     assert f"{path}:2:" not in out
-    assert "… and 3 more" in out
+    assert "… and 4 more" in out  # the three other records and "no valid record" for the file
 
 
 def test_non_utf8_file_reports_the_encoding_hint(capsys, tmp_path):
@@ -219,3 +219,47 @@ def test_command_line_help_lists_subcommands(tmp_path):
     assert result.returncode == 0
     for command in ("data", "chat", "train"):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE)
+
+
+# ------------------------------------------------------------------------------------------------ empty, mixed
+
+
+def test_empty_file_is_an_error_not_zero_valid_records_ok(capsys, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", "utf-8")
+    code, out = check(capsys, str(empty), "--stage", "sft")
+    assert code == 1
+    assert f"{empty}: unknown, 0 valid record(s), 1 error(s)" in out
+    assert f"  {empty}: records: no records: the file is empty (or holds only blank lines)" in out
+
+
+def test_file_without_a_valid_record_is_an_error_naming_the_file(capsys, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [turn("gpt", "a")]}] * 2)
+    code, out = check(capsys, str(path))
+    assert code == 1
+    assert f"  {path}: records: no valid record: all 2 failed validation (see above)" in out
+
+
+def as_openai(row: dict) -> dict:
+    roles = {"human": "user", "gpt": "assistant"}
+    return {"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]}
+
+
+def as_alpaca(row: dict) -> dict:
+    first, reply = row["conversations"][:2]
+    return {"instruction": first["value"], "input": "", "output": reply["value"]}
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared/fixtures/medicalgpt").is_dir(), reason="no fixtures")
+def test_medicalgpt_files_concatenated_in_three_formats_check_record_by_record(capsys, tmp_path):
+    # MedicalGPT's SFT file and its tool-call file, rows re-written as OpenAI messages and Alpaca: one file
+    from conftest import FIXTURES
+
+    sft = [json.loads(line) for line in (FIXTURES / "medical_sft_1K_format.jsonl").open(encoding="utf-8")][:30]
+    tools = [json.loads(line) for line in (FIXTURES / "glaive_toolcall_zh_demo.jsonl").open(encoding="utf-8")][:10]
+    single = [row for row in sft if len(row["conversations"]) == 2]
+    rows = sft[:10] + [as_openai(r) for r in single[10:20]] + [as_alpaca(r) for r in single[:10]] + tools
+    path = write_jsonl(tmp_path / "concatenated.jsonl", rows)
+    code, out = check(capsys, str(path), "--stage", "sft")
+    assert code == 0, out
+    assert f"{path}: alpaca+openai+sharegpt, {len(rows)} valid record(s), ok" in out

@@ -439,7 +439,9 @@ def test_forced_format_parses_records_that_detection_would_read_otherwise(tmp_pa
     path, items = read_rows(tmp_path, [{"question": "q", "text": "the document"}], data_format="text")
     assert isinstance(items[0], TextRecord) and items[0].text == "the document"
     path, items = read_rows(tmp_path, [{"question": "q"}], data_format="sharegpt")
-    assert str(items[0]) == f"{path}:1: conversations: expected a non-empty list of turns"
+    assert str(items[0]) == (f"{path}:1: conversations: expected a non-empty list of turns (data_format is "
+                             "sharegpt, but this record's keys are qa's: use data_format: auto to read each record "
+                             "as its own format)")
 
 
 def test_forced_text_format_accepts_plain_json_strings(tmp_path):
@@ -447,16 +449,38 @@ def test_forced_text_format_accepts_plain_json_strings(tmp_path):
     assert [i.text for i in items] == ["a plain string document"]
 
 
-def test_mixed_records_in_one_file_give_errors_for_those_that_do_not_fit(tmp_path):
+def test_a_file_mixing_conversation_formats_is_read_record_by_record(tmp_path):
+    # two sources concatenated: ShareGPT, Alpaca and OpenAI rows, each read by its own keys
     path, items = read_rows(tmp_path, [
         {"conversations": [user("q"), gpt("a")]},
-        {"instruction": "q", "output": "a"},
+        {"instruction": "q", "input": "more", "output": "a"},
         {"conversations": [user("q2"), gpt("a2")]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
     ])
-    assert [type(i) for i in items] == [Conversation, DataError, Conversation, DataError]
-    assert str(items[1]) == f"{path}:2: conversations: expected a non-empty list of turns"
-    assert str(items[3]) == f"{path}:4: conversations: expected a non-empty list of turns"
+    assert [type(i) for i in items] == [Conversation] * 4
+    assert items[1].messages[0].content == "q\nmore" and items[3].messages[1].content == "a"
+    result = read_records(str(path), kinds=("conversation",))
+    assert result.formats[str(path)] == "alpaca+openai+sharegpt" and result.counts[str(path)] == 4
+
+
+def test_forced_format_still_parses_every_record_as_that_format(tmp_path):
+    path, items = read_rows(tmp_path, [
+        {"conversations": [user("q"), gpt("a")]},
+        {"instruction": "q", "output": "a"},
+    ], data_format="sharegpt")
+    assert isinstance(items[0], Conversation)
+    assert str(items[1]).startswith(f"{path}:2: conversations: expected a non-empty list of turns (data_format is "
+                                    "sharegpt, but this record's keys are alpaca's")
+
+
+def test_a_record_of_another_kind_inside_a_file_names_its_line(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"conversations": [user("q"), gpt("a")]},
+                                                   {"prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(InvalidDataError) as info:
+        read_records(str(path), kinds=("conversation",))
+    assert [str(e) for e in info.value.errors] == [
+        f"{path}: format: holds preference (preference) records (from {path}:2), but conversation records are "
+        "needed here"]
 
 
 def test_detection_skips_bad_first_lines(tmp_path):
@@ -782,10 +806,19 @@ def test_read_records_skip_invalid_keeps_the_valid_records(tmp_path, caplog):
     assert "skipped 2 invalid record(s)" in caplog.text
 
 
-def test_read_records_all_invalid_says_no_usable_records_even_when_skipping(tmp_path):
+def test_read_records_all_invalid_is_an_error_even_when_skipping(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [gpt("a")]}])
-    with pytest.raises(InvalidDataError, match="no usable records"):
+    with pytest.raises(InvalidDataError, match="bad.jsonl: records: no valid record: all 1 failed validation"):
         read_records(str(path), skip_invalid=True)
+
+
+def test_an_empty_file_is_an_error_even_among_good_ones(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"conversations": [user("q"), gpt("a")]}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", "utf-8")
+    for skip in (False, True):
+        with pytest.raises(InvalidDataError, match="empty.jsonl: records: no records: the file is empty"):
+            read_records([str(good), str(empty)], skip_invalid=skip)
 
 
 def test_read_records_wrong_kind_is_a_format_error_naming_the_needed_kind(tmp_path):

@@ -14,9 +14,21 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
-def documented(text: str, **kwargs):
-    """A dataclass field whose help text (the parameter manual) is `text` with its layout whitespace folded."""
-    return field(metadata={"help": " ".join(text.split())}, **kwargs)
+def documented(text: str, stages: tuple[str, ...] | None = None, **kwargs):
+    """A dataclass field whose help text (the parameter manual) is `text` with its layout whitespace folded.
+
+    `stages`: the only stages the option means something in; elsewhere it is refused, naming these stages
+    (an option accepted where it has no effect is a bug).
+    """
+    metadata = {"help": " ".join(text.split())}
+    if stages is not None:
+        metadata["stages"] = tuple(stages)
+    return field(metadata=metadata, **kwargs)
+
+
+def option_stages(f) -> tuple[str, ...] | None:
+    """The stages a dataclass field is limited to, or None (every stage)."""
+    return f.metadata.get("stages")
 
 
 @dataclass
@@ -32,9 +44,15 @@ class ModelArguments:
         "Tokenizer to use when it differs from the model's (rare). Defaults to model_name_or_path.", default=None
     )
     model_type: str | None = documented(
-        """Expected architecture (e.g. llama, qwen2). Optional: when given, it is checked against the loaded
-        config so a wrong path fails early instead of training the wrong model.""",
+        """Expected architecture (e.g. llama, qwen2, the `model_type` of the model's config.json). Optional: when
+        given, it is checked against the loaded config so a wrong path fails early instead of training the wrong
+        model. `auto` (MedicalGPT's default) means no check, as when it is not set.""",
         default=None,
+    )
+    use_fast_tokenizer: bool = documented(
+        """Use the fast (Rust `tokenizers`) tokenizer, as MedicalGPT's default. transformers 5 has only fast
+        tokenizers (AutoTokenizer ignores `use_fast`), so `false` cannot be honoured and is refused.""",
+        default=True,
     )
     torch_dtype: str = documented(
         """dtype the weights are loaded in: auto | bf16 | fp16 | fp32 (bfloat16/float16/float32 accepted).
@@ -56,7 +74,11 @@ class ModelArguments:
         default: it executes whatever code the checkpoint contains. Turn on only for repositories you trust.""",
         default=False,
     )
-    cache_dir: str | None = documented("Where hub downloads are cached (default: the Hugging Face cache).", default=None)
+    cache_dir: str | None = documented(
+        """Where hub downloads are cached, models and `dataset_name` datasets alike (default: the Hugging Face
+        caches).""",
+        default=None,
+    )
     load_in_8bit: bool = documented(
         """Load the base weights in 8-bit (bitsandbytes LLM.int8). Halves weight memory against bf16 with
         little quality loss but is slower per step than 16-bit. Inference and LoRA training only.""",
@@ -104,6 +126,11 @@ class DataArguments:
         "A hub dataset name for `datasets.load_dataset` (used instead of, or with, train_file_dir).", default=None
     )
     dataset_config_name: str | None = documented("The hub dataset's configuration name, if it has several.", default=None)
+    cache_dir: str | None = documented(
+        """Where `dataset_name` is downloaded and cached. One option with the model's cache_dir: the value given
+        reaches both (default: the Hugging Face datasets cache).""",
+        default=None,
+    )
     train_file_dir: str | None = documented(
         """Training data: a file, a folder (read recursively: .txt, .json, .jsonl) or a glob such as
         `data/*.jsonl`. The format of each file is detected from its records (see data_format).""",
@@ -125,10 +152,15 @@ class DataArguments:
     text_separator: Literal["line", "blank_line"] = documented(
         """How .txt files split into documents: `line` (one document per line, MedicalGPT's convention) or
         `blank_line` (paragraphs separated by empty lines).""",
+        stages=("pt",),
         default="line",
     )
     keep_linebreaks: bool = documented(
-        "Keep line breaks inside `blank_line` documents (false joins a paragraph's lines with spaces).",
+        """Keep line breaks in the text of .txt documents, as MedicalGPT (datasets' `text` loader) does: with
+        `line` documents each keeps the line break that ends it (the model learns text + newline, then EOS);
+        with `blank_line` a paragraph's lines stay joined by line breaks. false drops the ending line break
+        (`line`) or joins a paragraph's lines with spaces (`blank_line`).""",
+        stages=("pt",),
         default=True,
     )
     max_train_samples: int | None = documented(
@@ -136,18 +168,27 @@ class DataArguments:
     )
     max_eval_samples: int | None = documented("Use at most this many evaluation records.", default=None)
     streaming: bool = documented(
-        """Read the data lazily instead of loading it all (for corpora larger than memory). Needs max_steps,
-        since the number of records is unknown in advance.""",
+        """Read the training data lazily instead of loading it all (for corpora larger than memory). Needs
+        max_steps, since the number of records is unknown in advance. A validation_file_dir is still read in
+        full and evaluated at the end; validation_split_percentage cannot split a stream and is refused.""",
+        stages=("pt",),
         default=False,
     )
     block_size: int | None = documented(
         """PT: length of the packed training blocks in tokens. Default: min(1024, the model's context). Longer
         blocks teach longer context but cost memory quadratically in attention without flash attention.""",
+        stages=("pt",),
         default=None,
     )
     overwrite_cache: bool = documented("Re-tokenise even when a cached tokenised copy of the data exists.", default=False)
     preprocessing_num_workers: int | None = documented(
-        "Processes used to tokenise (default: one). More helps on big corpora with many CPU cores.", default=None
+        """Processes that tokenise the data (default: one). The records are split into contiguous chunks
+        tokenised in parallel and joined in order, so the features are the same as with one process. Helps on
+        big corpora with many CPU cores; each process holds a copy of the tokenizer. Stages whose features are
+        not built record by record (kto pairs and shuffles the whole set; the RL stages tokenise prompts as they
+        train) tokenise in one process and refuse it.""",
+        stages=("pt", "sft", "rm", "dpo", "orpo"),
+        default=None,
     )
     skip_invalid_records: bool = documented(
         """Drop records that fail validation (and log how many, with the first errors) instead of refusing to
@@ -222,6 +263,7 @@ class RunArguments:
     train_on_prompt: bool = documented(
         """SFT: also compute the loss on system/user tokens. Off (default) trains only on assistant turns,
         which is what makes a model answer rather than imitate users.""",
+        stages=("sft",),
         default=False,
     )
     overwrite_output_dir: bool = documented(

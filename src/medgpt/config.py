@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import enum
 import importlib.util
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from medgpt.arguments import (
     DataArguments,
     ModelArguments,
     RunArguments,
+    option_stages,
 )
 
 # MedicalGPT's spellings, accepted and written back under our names.
@@ -43,6 +45,30 @@ UPSTREAM_DEPRECATED = {*UPSTREAM_RENAMES, "pad_token"}
 REMOVED_UPSTREAM = {
     "logging_dir": "removed in transformers 5: set the TENSORBOARD_LOGGING_DIR environment variable",
     "evaluation_strategy": "renamed eval_strategy",
+}
+# The same idea under another stage's name: `max_length` given to PT means its block_size.
+STAGE_EQUIVALENTS = {("pt", "max_length"): "block_size", ("sft", "block_size"): "max_length"}
+ANY_STAGE = "*"
+# Options a stage accepts only at the value it always runs with: any other value is refused with the reason
+# (an accepted option without effect is a bug). {option: {stage or ANY_STAGE: (the value it runs with, why)}}.
+# Trainer options that medgpt sets itself, or that an overriding trainer method no longer reads, belong here;
+# tests/test_option_effects.py finds them in the code and fails while one is missing.
+FIXED_OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
+    "do_train": {ANY_STAGE: (True, "every training command trains; to evaluate a model without training it use "
+                                   "`medgpt eval --model DIR`")},
+    "do_predict": {ANY_STAGE: (False, "training commands do not predict; answer a data file with `medgpt predict`")},
+    "use_fast_tokenizer": {ANY_STAGE: (True, "transformers 5 has only fast tokenizers (AutoTokenizer ignores "
+                                             "use_fast), so a slow one cannot be loaded")},
+    "remove_unused_columns": {stage: (False, "the features are medgpt's own columns (positions, labels, pairs), "
+                                             "all of which the loss reads") for stage in ("pt", "sft", "rm")},
+    "prediction_loss_only": {stage: (True, "the chunked loss computes no full logits, so evaluation reports the "
+                                           "loss (and perplexity) only") for stage in ("pt", "sft")},
+    "label_names": {"rm": ([], "the reward loss compares the chosen and rejected sequences of each pair; "
+                               "there are no label columns")},
+    "label_smoothing_factor": {"rm": (0.0, "the pairwise reward loss has no label smoothing; use margin to ask "
+                                           "for a gap between chosen and rejected")},
+    "dataset_num_proc": {"kto": (None, "kto's features are tokenised by medgpt in one process (examples are "
+                                       "paired and shuffled across the whole set), not by TRL")},
 }
 
 
@@ -98,9 +124,27 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return out
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so `eval_strategy: no` stays the
+    string "no" and `resume_from_checkpoint: true` stays a boolean (YAML 1.1 also reads yes/no/on/off as ones;
+    boolean options still accept those words, `coerce` reads them)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _yaml_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return yaml_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -111,7 +155,7 @@ def read_yaml(path: str | Path, flat: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -171,19 +215,42 @@ def build_config(stage, values: dict[str, Any]) -> RunConfig:
     return config
 
 
+def stage_option_names(stage) -> list[str]:
+    """Every option name `stage` accepts: our sections' fields that apply to it, its extras, its trainer config."""
+    names = [f.name for cls in OWN_SECTIONS for f in dataclasses.fields(cls)
+             if f.init and (option_stages(f) is None or stage.name in option_stages(f))]
+    return names + [f.name for cls in (*stage.extra_classes, stage.training_class) for f in dataclasses.fields(cls)
+                    if f.init]
+
+
 def check_names(stage, values: dict[str, Any]) -> None:
-    """Unknown option names are errors that list the closest valid ones."""
-    known = [f.name for cls in (*OWN_SECTIONS, *stage.extra_classes, stage.training_class)
-             for f in dataclasses.fields(cls) if f.init]
+    """Unknown option names are errors that name the stages an option belongs to, or the closest valid names."""
+    known = stage_option_names(stage)
     unknown = sorted(set(normalise_keys(values)) - set(known))
     if unknown:
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known + list(ALIASES), n=3, cutoff=0.6)
-            hint = REMOVED_UPSTREAM.get(key) or (f"did you mean: {', '.join(close)}?" if close else "")
-            lines.append(f"  {key}" + (f" ({hint})" if hint else ""))
+        lines = [f"  {key} ({_unknown_hint(stage, key, known)})" for key in unknown]
         raise ConfigError(f"unknown option(s) for stage '{stage.name}':\n" + "\n".join(lines)
                           + f"\nSee `medgpt {stage.name} --help` for every option.")
+
+
+def _unknown_hint(stage, key: str, known: list[str]) -> str:
+    if key in REMOVED_UPSTREAM:
+        return REMOVED_UPSTREAM[key]
+    spelled = [alias for alias, name in ALIASES.items() if name == key]
+    owners = _stages_with_option(key, stage.name)
+    if owners:
+        also = f"also spelled {', '.join(spelled)}: " if spelled else ""
+        hint = f"{also}an option of stage {', '.join(owners)}, not {stage.name}"
+        equivalent = STAGE_EQUIVALENTS.get((stage.name, key))
+        return hint + (f"; {stage.name} calls it {equivalent}" if equivalent else "")
+    close = difflib.get_close_matches(key, known + list(ALIASES), n=3, cutoff=0.6)
+    return f"did you mean: {', '.join(close)}?" if close else "no such option"
+
+
+def _stages_with_option(key: str, other_than: str) -> list[str]:
+    from medgpt.stages import load_stages
+
+    return [s.name for s in load_stages().values() if s.name != other_than and key in stage_option_names(s)]
 
 
 def training_kwargs(stage, values: dict[str, Any]) -> dict[str, Any]:
@@ -274,8 +341,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(value, bool) and bool not in (annotation, *args) and annotation is not typing.Any:
-        # YAML 1.1 reads a bare `no` / `yes` as a boolean: `eval_strategy: no` means the string "no"
-        value = "yes" if value else "no"
+        # A boolean given to a string option (`resume_from_checkpoint: true`, `--resume_from_checkpoint True`)
+        # is that word; YamlLoader keeps `no` a string, so `eval_strategy: no` never arrives here.
+        value = "true" if value else "false"
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -340,10 +408,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("freeze_trainable_layers must be >= 0 (the number of top layers to train)")
     if not (d.train_file_dir or d.dataset_name):
         raise ConfigError("no training data: set train_file_dir (file, folder or glob) or dataset_name")
-    if d.streaming and config.stage != "pt":
-        raise ConfigError(f"streaming reads corpora larger than memory for PT; {config.stage} data is read in full")
     if d.streaming and getattr(t, "max_steps", -1) <= 0:
         raise ConfigError("streaming data has no known length: set max_steps")
+    if d.streaming and d.validation_split_percentage > 0:
+        raise ConfigError("a stream cannot be split: with streaming give validation data as validation_file_dir, "
+                          "or set validation_split_percentage: 0")
     if not 0 <= d.validation_split_percentage < 100:
         raise ConfigError("validation_split_percentage must be in [0, 100)")
     from medgpt.data.readers import FORMATS
@@ -358,6 +427,61 @@ def validate(config: RunConfig) -> None:
         from medgpt.data.chat_templates import get_named_template
 
         get_named_template(config.run.template)
+    if m.model_type and m.model_type.strip().lower() == "auto":  # MedicalGPT's default: any architecture
+        m.model_type = None
+    normalise_resume(t)
+    check_fixed_options(config)
+    check_evaluation_request(config)
+
+
+RESUME_AUTO = ("auto", "true", "yes", "latest")
+RESUME_OFF = ("", "false", "no", "none")
+
+
+def normalise_resume(training) -> None:
+    """`resume_from_checkpoint`: true / `True` / yes / latest mean auto (MedicalGPT's `--resume_from_checkpoint
+    True`), false / no mean a fresh start; anything else is a checkpoint path."""
+    spec = getattr(training, "resume_from_checkpoint", None)
+    if isinstance(spec, str) and spec.strip().lower() in RESUME_AUTO:
+        training.resume_from_checkpoint = "auto"
+    elif isinstance(spec, str) and spec.strip().lower() in RESUME_OFF:
+        training.resume_from_checkpoint = None
+
+
+def check_fixed_options(config: RunConfig) -> None:
+    """Refuse a FIXED_OPTIONS option given at a value the stage cannot run with."""
+    for name in config.given:
+        rules = FIXED_OPTIONS.get(name, {})
+        rule = rules.get(config.stage) or rules.get(ANY_STAGE)
+        if rule is None:
+            continue
+        value = next((getattr(s, name) for s in config.sections() if any(f.name == name for f in dataclasses.fields(s))),
+                     config.given[name])
+        fixed, why = rule
+        if _plain(value) != _plain(fixed):
+            raise ConfigError(f"{name}: {config.stage} always runs with {name}: {_yaml_value(fixed)} ({why}); "
+                              f"remove {name}: {_yaml_value(value)}")
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def check_evaluation_request(config: RunConfig) -> None:
+    """`do_eval` (MedicalGPT's flag) says whether to evaluate on the validation data after training; medgpt
+    evaluates exactly when there is validation data, so the two must agree."""
+    if "do_eval" not in config.given:
+        return
+    has_validation = has_validation_data(config.data)
+    wanted = config.given["do_eval"]
+    wanted = wanted if isinstance(wanted, bool) else coerce(wanted, bool, "do_eval")
+    if wanted and not has_validation:
+        raise ConfigError("do_eval: true needs validation data: set validation_file_dir, or validation_split_percentage "
+                          "(medgpt evaluates on it after training, and every eval_steps with eval_strategy: steps)")
+    if not wanted and has_validation:
+        raise ConfigError("do_eval: false, but validation data is given (validation_file_dir / "
+                          "validation_split_percentage), and medgpt evaluates on validation data when there is some: "
+                          "drop the validation data to skip evaluation")
 
 
 def check_context_length(config: RunConfig, model_config, length: int | None) -> None:
@@ -382,10 +506,29 @@ def resolved_options(config: RunConfig) -> dict[str, Any]:
         for f in dataclasses.fields(section):
             if f.name in UPSTREAM_DEPRECATED and section is config.training:
                 continue
-            if f.init and f.name not in flat and f.name in values:
+            applies = option_stages(f) is None or config.stage in option_stages(f)
+            if f.init and applies and f.name not in flat and f.name in values:
                 flat[f.name] = _plain(values[f.name])
+    flat.update(values_run_with(config, flat))
     flat["stage"] = config.stage
     return flat
+
+
+def values_run_with(config: RunConfig, names) -> dict[str, Any]:
+    """The values the stage really runs with for the options it fixes (FIXED_OPTIONS, do_eval), among `names`."""
+    out = {}
+    for name in names:
+        rules = FIXED_OPTIONS.get(name, {})
+        rule = rules.get(config.stage) or rules.get(ANY_STAGE)
+        if rule is not None:
+            out[name] = _plain(rule[0])
+    if "do_eval" in names:
+        out["do_eval"] = has_validation_data(config.data)
+    return out
+
+
+def has_validation_data(data: DataArguments) -> bool:
+    return bool(data.validation_file_dir) or data.validation_split_percentage > 0
 
 
 def _plain(value: Any) -> Any:

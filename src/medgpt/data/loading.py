@@ -17,6 +17,7 @@ from medgpt.data.readers import (
     file_reader,
     finish,
     hub_reader,
+    no_records_error,
     resolve_many,
 )
 from medgpt.data.records import DataError, InvalidDataError, Record, Source
@@ -38,7 +39,8 @@ def _read(specs: str | None, hub: str | None, args: DataArguments, kinds: tuple[
         for path in resolve_many(specs):
             collect(file_reader(path, options), str(path), kinds, result)
     if hub:
-        collect(hub_reader(hub, args.dataset_config_name, split, options, streaming=False), hub, kinds, result)
+        reader = hub_reader(hub, args.dataset_config_name, split, options, streaming=False, cache_dir=args.cache_dir)
+        collect(reader, hub, kinds, result)
     return finish(result, args.skip_invalid_records)
 
 
@@ -69,31 +71,44 @@ def load_stage_data(args: DataArguments, kinds: tuple[str, ...], seed: int = 42)
     return StageData(records, eval_records, skipped)
 
 
+def load_validation_data(args: DataArguments, kinds: tuple[str, ...]) -> list[Record]:
+    """The validation records alone (capped by max_eval_samples): what a streamed training set is evaluated on."""
+    if not args.validation_file_dir:
+        return []
+    records = _read(args.validation_file_dir, None, args, kinds, "validation").records
+    return records[: args.max_eval_samples] if args.max_eval_samples is not None else records
+
+
 def stream_records(args: DataArguments, kinds: tuple[str, ...]) -> Iterator[Record]:
     """Records one at a time, files then hub rows, for corpora larger than memory. A bad record stops the
-    stream with its file:line unless skip_invalid_records, which logs and skips it."""
+    stream with its file:line unless skip_invalid_records, which logs and skips it; a source without a valid
+    record stops it too."""
     options = ReadOptions.from_args(args)
     readers = []
     if args.train_file_dir:
         readers += [(str(p), file_reader(p, options)) for p in resolve_many(args.train_file_dir)]
     if args.dataset_name:
         readers.append((args.dataset_name, hub_reader(args.dataset_name, args.dataset_config_name, "train",
-                                                      options, streaming=True, cache_dir=None)))
+                                                      options, streaming=True, cache_dir=args.cache_dir)))
     skipped = 0
     produced = 0
     for name, reader in readers:
+        good = invalid = 0
         for item in reader:
-            wrong = check_kind(reader, name, kinds)
-            if wrong:
-                raise InvalidDataError([wrong])
             if isinstance(item, DataError):
                 if not args.skip_invalid_records:
                     raise InvalidDataError([item])
-                skipped += 1
+                skipped, invalid = skipped + 1, invalid + 1
                 if skipped <= 5:
                     logger.warning("skipping invalid record: %s", item)
                 continue
+            wrong = check_kind(item, item.source, name, reader, kinds)
+            if wrong:
+                raise InvalidDataError([wrong])
             yield item
+            good += 1
             produced += 1
             if args.max_train_samples is not None and produced >= args.max_train_samples:
                 return
+        if not good:
+            raise InvalidDataError([no_records_error(name, invalid)])

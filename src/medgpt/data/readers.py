@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -22,7 +23,8 @@ FORMATS = ("auto", *PARSERS)
 class ReadOptions:
     data_format: str = "auto"
     text_separator: str = "line"  # "line" | "blank_line"
-    keep_linebreaks: bool = True
+    keep_linebreaks: bool = True  # blank_line: a paragraph's lines stay joined by line breaks
+    line_endings: bool = False  # line: each document keeps the line break that ended it (training's keep_linebreaks)
 
     def __post_init__(self):
         if self.data_format not in FORMATS:
@@ -32,7 +34,9 @@ class ReadOptions:
 
     @classmethod
     def from_args(cls, data_args) -> "ReadOptions":
-        return cls(data_args.data_format, data_args.text_separator, data_args.keep_linebreaks)
+        # MedicalGPT's keep_linebreaks means both (datasets' `text` loader keeps each line's break)
+        return cls(data_args.data_format, data_args.text_separator, data_args.keep_linebreaks,
+                   line_endings=data_args.keep_linebreaks)
 
 
 def resolve_files(spec: str | Path) -> list[Path]:
@@ -81,19 +85,30 @@ def _decode(raw: bytes, source: Source) -> str | DataError:
 
 def _lines(path: Path) -> Iterator[tuple[Source, str | DataError]]:
     """Decoded lines without their line ending; BOM removed; read in binary so one bad line names itself."""
+    for source, line, _ in _lines_and_endings(path):
+        yield source, line
+
+
+def _lines_and_endings(path: Path) -> Iterator[tuple[Source, str | DataError, bool]]:
+    """`_lines`, and whether each line ended with a line break (the last line of a file may not)."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             source = Source(str(path), number)
-            yield source, _decode(raw.rstrip(b"\r\n").rstrip(b"\r"), source)
+            yield source, _decode(raw.rstrip(b"\r\n").rstrip(b"\r"), source), raw.endswith((b"\n", b"\r"))
 
 
 def _text_items(path: Path, options: ReadOptions) -> Iterator[tuple[Source, Any]]:
+    """Documents of a .txt file. Training follows MedicalGPT's keep_linebreaks (datasets' `text` loader, one
+    sample per line with `keepends`): with `line_endings` a `line` document keeps the line break that ended it;
+    with `keep_linebreaks` `blank_line` paragraphs keep the breaks between their lines."""
     if options.text_separator == "line":
-        for source, line in _lines(path):
-            if isinstance(line, DataError) or line.strip():
-                yield source, line if isinstance(line, DataError) else line.strip()
+        for source, line, ended in _lines_and_endings(path):
+            if isinstance(line, DataError):
+                yield source, line
+            elif line.strip():
+                yield source, line.strip() + ("\n" if options.line_endings and ended else "")
         return
     paragraph: list[str] = []
     start = None
@@ -151,12 +166,15 @@ def raw_items(path: Path, options: ReadOptions) -> Iterator[tuple[Source, Any]]:
 
 
 class RecordReader:
-    """Iterates Record | DataError from (source, raw item) pairs; detects the format from the first good item."""
+    """Iterates Record | DataError from (source, raw item) pairs. With data_format auto each record's format is
+    told by its own keys, so a file that concatenates ShareGPT, OpenAI and Alpaca rows reads record by record;
+    a forced data_format parses every record as that format."""
 
     def __init__(self, items: Iterable[tuple[Source, Any]], options: ReadOptions, text_file: bool = False):
         self.items = items
         self.text_file = text_file
-        self.format = "text" if text_file else (None if options.data_format == "auto" else options.data_format)
+        self.forced = "text" if text_file else (None if options.data_format == "auto" else options.data_format)
+        self.formats: Counter = Counter()  # format -> records read in it (parsed or not)
 
     def __iter__(self) -> Iterator[Record | DataError]:
         for source, item in self.items:
@@ -164,17 +182,39 @@ class RecordReader:
                 yield item
                 continue
             try:
-                if not (self.text_file or isinstance(item, dict) or (self.format == "text" and isinstance(item, str))):
-                    raise RecordError("record", f"expected a JSON object, got {type(item).__name__}")
-                if self.format is None:
-                    self.format = detect_format(item)
-                yield PARSERS[self.format](item, source)
+                yield self._parse(item, source)
             except RecordError as err:
                 yield DataError(source, err.field, err.problem)
 
+    def _parse(self, item: Any, source: Source) -> Record:
+        if not (self.text_file or isinstance(item, dict) or (self.forced == "text" and isinstance(item, str))):
+            raise RecordError("record", f"expected a JSON object, got {type(item).__name__}")
+        name = self.forced or detect_format(item)
+        self.formats[name] += 1
+        try:
+            return PARSERS[name](item, source)
+        except RecordError as err:
+            own = _own_format(item) if self.forced and not self.text_file else None
+            if own and own != name:
+                raise RecordError(err.field, f"{err.problem} (data_format is {name}, but this record's keys are "
+                                             f"{own}'s: use data_format: auto to read each record as its own "
+                                             "format)") from None
+            raise
+
     @property
-    def kind(self) -> str | None:
-        return FORMAT_KIND.get(self.format) if self.format else None
+    def format(self) -> str | None:
+        """The format of the records read, `a+b` when they mixed formats, None before any."""
+        return "+".join(sorted(self.formats)) if self.formats else None
+
+    def kind_of(self, record: Record) -> str:
+        return next(kind for kind, cls in KINDS.items() if isinstance(record, cls))
+
+
+def _own_format(item: Any) -> str | None:
+    try:
+        return detect_format(item)
+    except RecordError:
+        return None
 
 
 def file_reader(path: Path, options: ReadOptions) -> RecordReader:
@@ -201,12 +241,20 @@ class ReadResult:
     counts: dict[str, int] = field(default_factory=dict)  # source path -> good records
 
 
-def check_kind(reader: RecordReader, name: str, kinds: tuple[str, ...]) -> DataError | None:
-    if reader.kind and kinds and reader.kind not in kinds:
+def check_kind(record: Record, source: Source, name: str, reader: RecordReader, kinds: tuple[str, ...]) -> DataError | None:
+    """A record of a kind the caller cannot use: one error for the file (reading it stops there)."""
+    kind = reader.kind_of(record)
+    if kinds and kind not in kinds:
         wanted = " or ".join(kinds)
-        return DataError(Source(name, 0), "format",
-                         f"holds {reader.format} ({reader.kind}) records, but {wanted} records are needed here")
+        where = "" if source.line <= 1 else f" (from {source})"
+        return DataError(Source(name, 0), "format", f"holds {_format_name(record, reader)} ({kind}) records{where}, "
+                                                    f"but {wanted} records are needed here")
     return None
+
+
+def _format_name(record: Record, reader: RecordReader) -> str:
+    formats = [f for f in reader.formats if FORMAT_KIND[f] == reader.kind_of(record)]
+    return "/".join(formats) or reader.kind_of(record)
 
 
 def read_records(specs: str | Iterable[str], kinds: tuple[str, ...] = (), options: ReadOptions = ReadOptions(),
@@ -226,24 +274,39 @@ def read_records(specs: str | Iterable[str], kinds: tuple[str, ...] = (), option
 
 
 def collect(reader: RecordReader, name: str, kinds: tuple[str, ...], result: ReadResult) -> None:
-    good = 0
+    """Read one source into `result`; a source without a single valid record is an error of its own."""
+    good, bad, stopped = 0, 0, False
     for item in reader:
         if isinstance(item, DataError):
             result.errors.append(item)
+            bad += 1
             continue
-        wrong = check_kind(reader, name, kinds)
+        wrong = check_kind(item, item.source, name, reader, kinds)
         if wrong:
             result.errors.append(wrong)
+            stopped = True
             break
         result.records.append(item)
         good += 1
+    if not good and not stopped:
+        result.errors.append(no_records_error(name, bad))
     result.formats[name] = reader.format or "unknown"
     result.counts[name] = good
 
 
+def no_records_error(name: str, invalid: int) -> DataError:
+    problem = (f"no valid record: all {invalid} failed validation (see above)" if invalid
+               else "no records: the file is empty (or holds only blank lines)")
+    return DataError(Source(name, 0), "records", problem)
+
+
+# Errors about a whole source, not one record: skip_invalid_records cannot drop them.
+SOURCE_ERRORS = ("format", "records")
+
+
 def finish(result: ReadResult, skip_invalid: bool) -> ReadResult:
     if result.errors:
-        if not skip_invalid or any(e.field == "format" for e in result.errors):
+        if not skip_invalid or any(e.field in SOURCE_ERRORS and e.source.line == 0 for e in result.errors):
             raise InvalidDataError(result.errors)
         logger.warning("skipped %d invalid record(s) (skip_invalid_records: true); first: %s",
                        len(result.errors), result.errors[0])
