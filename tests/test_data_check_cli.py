@@ -263,3 +263,15 @@ def test_medicalgpt_files_concatenated_in_three_formats_check_record_by_record(c
     code, out = check(capsys, str(path), "--stage", "sft")
     assert code == 0, out
     assert f"{path}: alpaca+openai+sharegpt, {len(rows)} valid record(s), ok" in out
+
+
+def test_python_dash_m_medgpt_is_the_medgpt_command(tmp_path, sft_file):
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "medgpt", "data", "check", str(sft_file)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{sft_file}: sharegpt, 2 valid record(s), ok" in done.stdout
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert subprocess.run([sys.executable, "-m", "medgpt", "data", "check", str(empty)], capture_output=True,
+                          env=env, timeout=120).returncode == 1

@@ -525,7 +525,7 @@ def test_sft_truncation_counts_reach_train_results(sft_options, tmp_path):
 
 
 def test_sft_streaming_is_refused_with_the_reason(sft_options):
-    with pytest.raises(ConfigError, match="streaming reads corpora larger than memory for PT"):
+    with pytest.raises(ConfigError, match=r"streaming \(an option of stage pt, not sft\)"):
         run_stage("sft", {**sft_options, "streaming": True})
 
 

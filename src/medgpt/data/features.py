@@ -1,14 +1,17 @@
 """Tokenised features cached on disk, built once: the first process to take the lock builds, the others
 (other ranks of `torchrun`, later runs) wait on the file lock — not inside a distributed collective, so a
-long tokenisation never trips the process-group timeout — and then load the same files."""
+long tokenisation never trips the process-group timeout — and then load the same files. The builder may
+tokenise in several processes (`preprocessing_num_workers`): contiguous chunks of records, joined in order."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+from numbers import Number
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -64,13 +67,63 @@ def cached_features(key: dict[str, Any], build: Callable[[], tuple[list[dict], d
     return load_from_disk(str(target)), json.loads((target / INFO_FILE).read_text(encoding="utf-8"))
 
 
+_CHUNK_WORK: tuple[Callable, list] | None = None  # what forked workers run: set in the parent before forking
+
+
+def _run_chunk(index: int):
+    function, chunks = _CHUNK_WORK
+    return function(chunks[index])
+
+
+def map_in_chunks(function: Callable[[list], Any], items: list, workers: int | None) -> list:
+    """`function` applied to contiguous chunks of `items`, in `workers` forked processes when more than one;
+    the results in chunk order. Forking shares the tokenizer and template with the workers without pickling."""
+    global _CHUNK_WORK
+    workers = min(workers or 1, len(items))
+    if workers <= 1:
+        return [function(items)]
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise RuntimeError("preprocessing_num_workers needs the fork start method (Linux, macOS): leave it unset here")
+    size = -(-len(items) // (workers * 4))  # four chunks per worker keeps them all busy to the end
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    _CHUNK_WORK = (function, chunks)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_run_chunk, range(len(chunks)))
+    finally:
+        _CHUNK_WORK = None
+    logger.info("tokenised %d records in %d processes", len(items), workers)
+    return results
+
+
+def build_in_chunks(build: Callable[[list], tuple[list[dict], dict]], records: list, workers: int | None):
+    """`build(records)` computed chunk by chunk: features joined in order, info counts summed. Valid for builders
+    that treat each record on its own (SFT, RM, DPO)."""
+    features: list[dict] = []
+    info: dict[str, Any] = {}
+    for part, part_info in map_in_chunks(build, records, workers):
+        features += part
+        for key, value in part_info.items():
+            if not isinstance(value, Number):
+                raise TypeError(f"info {key!r} of a chunked build must be a count, got {value!r}")
+            info[key] = info.get(key, 0) + value
+    return features, info
+
+
 def stage_features(config, data, tokenizer, template: str, settings: dict[str, Any],
-                   build: Callable[[list], tuple[list[dict], dict]]):
+                   build: Callable[[list], tuple[list[dict], dict]], record_wise: bool = True):
     """(train, eval or None, train info): both splits of a stage's data tokenised by `build`, cached under a
-    key made of the input files, the data options, the tokenizer and template, and the stage's `settings`."""
+    key made of the input files, the data options, the tokenizer and template, and the stage's `settings`.
+
+    `record_wise`: `build` treats each record on its own, so with preprocessing_num_workers the records are
+    split across processes here; a builder that is not (PT packs across documents) parallelises inside itself.
+    """
     from medgpt.data.readers import resolve_many
 
     d = config.data
+    if record_wise:
+        whole = build
+        build = lambda records: build_in_chunks(whole, records, d.preprocessing_num_workers)  # noqa: E731
     key = {"stage": config.stage, **settings,
            "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
            "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],

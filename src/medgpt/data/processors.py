@@ -21,13 +21,24 @@ IGNORE = -100
 # ------------------------------------------------------------------------------------------------ PT
 
 
-def document_ids(records: Iterable[TextRecord], tokenizer) -> Iterator[list[int]]:
-    """Token ids of each document followed by EOS, so the model learns where documents end."""
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer itself puts before a text (Llama, Mistral, Gemma), or None where it puts none
+    (Qwen, SmolLM2: their bos_token, if any, is not added to plain text)."""
+    if tokenizer.bos_token_id is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id if ids and ids[0] == tokenizer.bos_token_id else None
+
+
+def document_ids(records: Iterable[TextRecord], tokenizer, bos: int | None = None) -> Iterator[list[int]]:
+    """Token ids of each document followed by EOS, so the model learns where documents end, and preceded by
+    `bos` when given (`leading_bos`: as MedicalGPT's `tokenizer(text)` does for tokenizers that add one)."""
     eos = tokenizer.eos_token_id
+    prefix = [] if bos is None else [bos]
     for record in records:
         ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
         if ids:
-            yield ids + [eos]
+            yield prefix + ids + [eos]
 
 
 def pack_documents(documents: Iterable[list[int]], block_size: int) -> Iterator[dict]:

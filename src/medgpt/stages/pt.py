@@ -7,9 +7,9 @@ from transformers import TrainingArguments
 
 from medgpt.arguments import CausalLMArguments
 from medgpt.config import ConfigError, RunConfig, check_context_length
-from medgpt.data.features import stage_features
-from medgpt.data.loading import load_stage_data, stream_records
-from medgpt.data.processors import document_ids, pack_documents
+from medgpt.data.features import map_in_chunks, stage_features
+from medgpt.data.loading import StageData, load_stage_data, load_validation_data, stream_records
+from medgpt.data.processors import document_ids, leading_bos, pack_documents
 from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
@@ -31,18 +31,25 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         records = stream_records(self.config.data, ("text",))
-        return pack_documents(document_ids(records, self.tokenizer), self.block_size)
+        bos = leading_bos(self.tokenizer)
+        return pack_documents(document_ids(records, self.tokenizer, bos), self.block_size)
 
 
-def blocks(records, tokenizer, block_size: int):
-    features = list(pack_documents(document_ids(records, tokenizer), block_size))
+def blocks(records, tokenizer, block_size: int, workers: int | None = None):
+    """Documents tokenised (in `workers` processes), then packed in order in this one: the blocks do not depend
+    on the number of workers."""
+    bos = leading_bos(tokenizer)
+    parts = map_in_chunks(lambda chunk: list(document_ids(chunk, tokenizer, bos)), records, workers)
+    features = list(pack_documents((ids for part in parts for ids in part), block_size))
     return features, {"documents": len(records), "blocks": len(features),
                       "tokens": sum(len(f["input_ids"]) for f in features)}
 
 
 def run(config: RunConfig) -> dict:
     d = config.data
-    data = None if d.streaming else load_stage_data(d, ("text",), config.training.seed)  # validate first
+    # validated before any model loads (a stream is checked as it is read)
+    data = None if d.streaming else load_stage_data(d, ("text",), config.training.seed)
+    validation = load_validation_data(d, ("text",)) if d.streaming else []
     resume = begin_run(config)
     tokenizer = load_tokenizer(config.model)
     add_new_tokens(tokenizer, config.model.new_tokens_file)
@@ -51,11 +58,17 @@ def run(config: RunConfig) -> dict:
     check_context_length(config, model_config, d.block_size)
     chat = ChatFormat(tokenizer, config.run.template) if config.run.template or tokenizer.chat_template else None
     stats = {}
+    build = lambda records: blocks(records, tokenizer, d.block_size, d.preprocessing_num_workers)  # noqa: E731
     if d.streaming:
-        train, evaluation = StreamingBlocks(config, tokenizer, d.block_size), None
+        train = StreamingBlocks(config, tokenizer, d.block_size)
+        evaluation = None
+        if validation:  # a stream has no split of its own: the validation files are read and evaluated in full
+            evaluation, _, _ = stage_features(config, StageData(validation, [], 0), tokenizer, "",
+                                              {"block_size": d.block_size, "streaming_validation": True},
+                                              build, record_wise=False)
     else:
         train, evaluation, info = stage_features(config, data, tokenizer, "", {"block_size": d.block_size},
-                                                 lambda records: blocks(records, tokenizer, d.block_size))
+                                                 build, record_wise=False)
         stats = {"train_" + k: v for k, v in info.items()}
         if not len(train):
             raise ConfigError("the training text produced no tokens")
