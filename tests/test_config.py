@@ -234,3 +234,72 @@ def test_activation_checkpointing_follows_our_option_in_every_trainer_config():
     assert build_config(DPO, {**BASE, "train_file_dir": "data/demo/preference"}).training.activation_checkpointing is False
     on = build_config(DPO, {**BASE, "train_file_dir": "data/demo/preference", "gradient_checkpointing": True})
     assert on.training.activation_checkpointing is True and on.model.gradient_checkpointing is True
+
+
+# ------------------------------------------------------------------------------------------------ MedicalGPT habits
+
+
+def test_an_option_of_another_stage_names_the_stage_it_belongs_to():
+    with pytest.raises(ConfigError) as err:
+        build_config(PT, {**BASE, "model_max_length": 512})
+    message = str(err.value)
+    assert "max_length (also spelled model_max_length: an option of stage sft, rm, dpo" in message
+    assert "not pt; pt calls it block_size)" in message
+    with pytest.raises(ConfigError, match=r"train_on_prompt \(also spelled train_on_inputs: an option of stage sft, "
+                                          r"not pt\)"):
+        build_config(PT, {**BASE, "train_on_inputs": True})
+    with pytest.raises(ConfigError, match=r"block_size \(an option of stage pt, not sft; sft calls it max_length\)"):
+        build_config(SFT, {**BASE, "block_size": 512})
+
+
+def test_model_type_auto_means_any_architecture():
+    assert build_config(SFT, {**BASE, "model_type": "auto"}).model.model_type is None
+    assert build_config(SFT, {**BASE, "model_type": "llama"}).model.model_type == "llama"
+
+
+def test_use_fast_tokenizer_true_is_accepted_and_false_refused_with_why():
+    assert build_config(SFT, {**BASE, "use_fast_tokenizer": True}).model.use_fast_tokenizer is True
+    with pytest.raises(ConfigError, match="transformers 5 has only fast tokenizers"):
+        build_config(SFT, {**BASE, "use_fast_tokenizer": "false"})
+
+
+def test_do_train_and_do_predict_are_accepted_only_at_what_medgpt_does():
+    assert build_config(SFT, {**BASE, "do_train": True, "do_predict": False}).training.do_train is True
+    with pytest.raises(ConfigError, match="medgpt eval --model"):
+        build_config(SFT, {**BASE, "do_train": False})
+    with pytest.raises(ConfigError, match="medgpt predict"):
+        build_config(SFT, {**BASE, "do_predict": True})
+
+
+def test_do_eval_must_agree_with_the_validation_data():
+    assert build_config(SFT, {**BASE, "do_eval": True, "validation_split_percentage": 10})
+    assert build_config(SFT, {**BASE, "do_eval": False})
+    with pytest.raises(ConfigError, match="do_eval: true needs validation data"):
+        build_config(SFT, {**BASE, "do_eval": True})
+    with pytest.raises(ConfigError, match="drop the validation data to skip evaluation"):
+        build_config(SFT, {**BASE, "do_eval": "false", "validation_file_dir": "data/demo/sft"})
+
+
+def test_trainer_options_medgpt_sets_itself_are_refused_at_other_values():
+    pt = {**BASE, "train_file_dir": "data/demo/pretrain"}
+    assert build_config(PT, {**pt, "remove_unused_columns": False, "prediction_loss_only": True})
+    with pytest.raises(ConfigError, match="prediction_loss_only: pt always runs with prediction_loss_only: true"):
+        build_config(PT, {**pt, "prediction_loss_only": False})
+    with pytest.raises(ConfigError, match="remove_unused_columns: false"):
+        build_config(PT, {**pt, "remove_unused_columns": True})
+    assert build_config(DPO, {**BASE, "remove_unused_columns": True})  # DPO's trainer honours it
+
+
+def test_resolved_config_of_fixed_options_loads_again(tmp_path):
+    config = build_config(SFT, {**BASE, "do_train": True, "validation_split_percentage": 5})
+    written = yaml.safe_load(write_run_config(config, tmp_path).read_text())
+    assert written["do_train"] is True and written["do_eval"] is True and written["prediction_loss_only"] is True
+    assert "block_size" not in written and "streaming" not in written  # PT's options are not SFT's
+    assert resolved_options(build_config(SFT, written)) == resolved_options(config)
+
+
+def test_yaml_yes_and_no_stay_words_booleans_still_read_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("use_peft: no\nresume_from_checkpoint: yes\nreport_to: none\n")
+    config = load_config(SFT, path, [f"{k}={v}" for k, v in BASE.items()])
+    assert config.adapter.use_peft is False and config.training.resume_from_checkpoint == "auto"

@@ -237,3 +237,83 @@ def test_cli_merge_refusals_exit_non_zero_with_a_message(causal_adapter, tmp_pat
     assert "not a LoRA adapter directory" in capsys.readouterr().err
     assert main(["merge", "--adapter", str(tmp_path / "missing"), "--output", str(tmp_path / "new")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ hard bases
+
+
+def test_merge_survives_a_model_whose_get_input_embeddings_raises(causal_adapter, tmp_path, monkeypatch):
+    # ChatGLM-style models raise NotImplementedError there: MedicalGPT's merge crashed on it
+    from transformers import LlamaForCausalLM
+
+    adapter_dir, logits, ids = causal_adapter
+    original = LlamaForCausalLM.get_input_embeddings
+
+    def not_implemented(self):
+        raise NotImplementedError
+
+    monkeypatch.setattr(LlamaForCausalLM, "get_input_embeddings", not_implemented)
+    merge_adapter(adapter_dir, tmp_path / "merged")
+    monkeypatch.setattr(LlamaForCausalLM, "get_input_embeddings", original)
+    assert torch.allclose(merged_logits(tmp_path / "merged", ids), logits, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tmp_path_factory, tokenizer):
+    """A QLoRA adapter trained by `medgpt sft` (2 steps, 4-bit NF4 base of hidden size 64) and the logits of that
+    adapter model as training computed them (4-bit base in train mode: bitsandbytes' CPU inference kernel
+    repacks weights and rounds in bf16)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from conftest import make_tiny_model
+    from medgpt.config import build_config
+    from medgpt.stages import get_stage
+
+    pytest.importorskip("bitsandbytes")
+    root = tmp_path_factory.mktemp("qlora")
+    base = make_tiny_model(root / "base", tokenizer, hidden=64)
+    data = root / "sft.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": f"What is {w}?"}, {"from": "gpt", "value": f"{w} is common."}]}
+            for w in ("fever", "a cough", "asthma", "anaemia")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    options = {"model_name_or_path": str(base), "train_file_dir": str(data), "output_dir": str(root / "adapter"),
+               "qlora": True, "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 0.05,
+               "lora_dropout": 0.0, "max_length": 64, "save_steps": 100, "report_to": "none"}
+    stage = get_stage("sft")
+    stage.run(build_config(stage, options))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32,
+                                                 device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(model, root / "adapter").train()
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return root / "adapter", logits, ids
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_qlora_adapter_merges_into_the_dequantised_base_and_keeps_its_logits(qlora_adapter, tmp_path):
+    adapter_dir, logits, ids = qlora_adapter
+    assert yaml.safe_load((adapter_dir / "run_config.yaml").read_text())["load_in_4bit"] is True
+    assert main(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "merged")]) == 0  # auto
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # plain 16/32-bit weights
+    merged = merged_logits(tmp_path / "merged", ids)
+    assert torch.allclose(merged, logits, atol=1e-4), (merged - logits).abs().max()  # the stated tolerance
+    # into the original full-precision weights the same adapter computes something else: the quantisation error
+    merge_adapter(adapter_dir, tmp_path / "into-original", dequantize="off")
+    assert (merged_logits(tmp_path / "into-original", ids) - logits).abs().max() > 1e-2
+
+
+def test_dequantize_without_bitsandbytes_says_what_to_install(causal_adapter, tmp_path, monkeypatch):
+    import importlib.util
+
+    from medgpt.models import merge
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(merge.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs bitsandbytes \(pip install 'medgpt\[quant\]'\); or pass --dequantize off"):
+        merge_adapter(causal_adapter[0], tmp_path / "m", dequantize="on")
+    assert not (tmp_path / "m").exists()

@@ -179,7 +179,7 @@ def cmd_merge(args) -> int:
 
     try:
         merge_adapter(args.adapter, args.output, dtype=args.dtype, base=args.base,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, dequantize=args.dequantize)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -374,6 +374,11 @@ def add_tool_commands(commands) -> None:
                    help="weights dtype saved: auto keeps the load dtype (fp32 on CPU, bf16 on recent GPUs); "
                         "bf16 halves the size with fp32's range; fp16 only for runtimes without bf16")
     p.add_argument("--base", help="base model to merge into (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dequantize", default="auto", choices=["auto", "on", "off"],
+                   help="QLoRA / 8-bit adapters: merge into the base quantised as in training and dequantised to "
+                        "16/32-bit weights, so the merged model computes what the adapter model did. auto: when the "
+                        "adapter's run_config.yaml says load_in_4bit/load_in_8bit (needs bitsandbytes); on: always "
+                        "(4-bit NF4 unless the run says 8-bit); off: into the base's original weights")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
     p.set_defaults(func=cmd_merge)
 
