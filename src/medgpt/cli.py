@@ -489,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from medgpt.config import ConfigError
     from medgpt.data.records import InvalidDataError
+    from medgpt.data.templates import TemplateError
 
     argv = sys.argv[1:] if argv is None else argv
     quiet_third_party_noise()
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
-    except (ConfigError, InvalidDataError, FileNotFoundError) as err:
+    except (ConfigError, InvalidDataError, TemplateError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

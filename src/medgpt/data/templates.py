@@ -10,18 +10,27 @@ Tools, for templates that do not know them (the embedded SmolLM2 template ignore
 literal `tool` role): definitions are appended to the system prompt, a function call becomes assistant text
 `<tool_call>\\n{"name": …, "arguments": …}\\n</tool_call>`, and tool results become a user turn
 `<tool_response>\\n…\\n</tool_response>` (the Hermes / Qwen2.5 convention, so a model trained here emits calls
-that the server can parse).
+that the server can parse). Templates that know tools get OpenAI-shaped messages; tool calls carry ids
+`call00001`, `call00002`, … (nine alphanumerics, what Mistral's templates demand) and each tool result the id of
+the call it answers, in order, since the data formats carry none.
+
+Reasoning templates (Qwen3 and kin) print an empty `<think>\\n\\n</think>\\n\\n` before a final reply that has
+no reasoning: that block is template, not reply, and is never in the mask (a real `<think>…</think>` the data
+gives is).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from medgpt.data.chat_templates import get_named_template
 from medgpt.data.records import Message
 
+logger = logging.getLogger(__name__)
 TEMPLATE_FILE = "chat_template.jinja"
 TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -34,6 +43,25 @@ TOOLS_PREAMBLE = (
 
 class TemplateError(ValueError):
     pass
+
+
+# The empty reasoning block a reasoning template writes before a reply that has none.
+EMPTY_REASONING = re.compile(r"<think>\s*</think>\s*")
+
+
+def with_tool_call_ids(messages: list[Message]) -> list[dict]:
+    """OpenAI-shaped message dicts; each tool call gets an id `callNNNNN`, each tool result its call's id."""
+    out, pending, count = [], [], 0
+    for message in messages:
+        entry = message.to_openai()
+        for call in entry.get("tool_calls", []):
+            count += 1
+            call["id"] = f"call{count:05d}"
+            pending.append(call["id"])
+        if message.role == "tool" and pending:
+            entry["tool_call_id"] = pending.pop(0)
+        out.append(entry)
+    return out
 
 
 @dataclass
@@ -67,14 +95,31 @@ class ChatFormat:
                 "the tokenizer has no chat template (a base model?): choose one with `template: NAME` "
                 "(chatml, qwen, llama3, llama2, mistral, alpaca, vicuna, chatglm3)"
             )
+        self.system_in_first_user = not self._accepts_system()
         self.stop_strings = tuple(dict.fromkeys([*extra_stops, *self._end_of_turn()]))
+
+    def _accepts_system(self) -> bool:
+        """False for templates that refuse a system turn (Gemma): system text then opens the first user turn,
+        where those models' documentation puts instructions."""
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        try:
+            self.render_dicts([{"role": "system", "content": "be brief"}, *probe])
+        except TemplateError:
+            try:
+                self.render_dicts(probe)
+            except TemplateError:
+                return True  # it refuses something else; nothing to work around here
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------ rendering
 
     def to_template_messages(self, messages: list[Message], tools: list[dict] | None = None):
         """Canonical messages -> (message dicts, tools argument) for this template."""
         if self.native_tools:
-            return [m.to_openai() for m in messages], tools
+            # templates take tools as OpenAI / JSON-schema entries: {"type": "function", "function": {...}}
+            wrapped = [{"type": "function", "function": t} for t in tools] if tools else tools
+            return self._system_placed(with_tool_call_ids(messages)), wrapped
         out: list[dict] = []
         for message in messages:
             if message.role == "tool":
@@ -97,12 +142,26 @@ class ChatFormat:
                 out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{preamble}"}
             else:
                 out.insert(0, {"role": "system", "content": preamble})
-        return out, None
+        return self._system_placed(out), None
+
+    def _system_placed(self, dicts: list[dict]) -> list[dict]:
+        """For templates without a system turn, the system text opens the first user turn (blank line between)."""
+        if not (self.system_in_first_user and dicts and dicts[0]["role"] == "system"):
+            return dicts
+        system, rest = dicts[0], dicts[1:]
+        if rest and rest[0]["role"] == "user":
+            return [{**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}, *rest[1:]]
+        return [{"role": "user", "content": system["content"]}, *rest]
 
     def render_dicts(self, dicts: list[dict], tools=None, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            dicts, tools=tools, chat_template=self.jinja, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(dicts, tools=tools, chat_template=self.jinja, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as err:  # raise_exception in the template: it refuses this conversation
+            raise TemplateError(f"the {self.name} chat template refuses this conversation: {err} (fix the data, "
+                                "or choose another template with `template: NAME`)") from None
 
     def render(self, messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
         dicts, tools = self.to_template_messages(messages, tools)
@@ -117,21 +176,29 @@ class ChatFormat:
     def assistant_spans(self, dicts: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
         """The full render and the character span of each assistant reply (content + end-of-turn)."""
         full = self.render_dicts(dicts, tools)
-        spans = []
+        spans: list[tuple[int, int]] = []
         for i, message in enumerate(dicts):
             if message["role"] != "assistant":
                 continue
+            offset = spans[-1][1] if spans else 0
             before = self.render_dicts(dicts[:i], tools, add_generation_prompt=True)
             upto = self.render_dicts(dicts[: i + 1], tools)
-            if upto.startswith(before) and full.startswith(upto):
-                start, end = len(before), len(before) + len(upto[len(before):].rstrip())
-            else:  # templates that rewrite history (e.g. drop earlier reasoning): find the reply in the render
-                start, end = self._locate(full, message["content"], spans[-1][1] if spans else 0)
-            spans.append((start, end))
+            reply = upto[len(before):].rstrip() if upto.startswith(before) else None
+            if reply is not None and full.startswith(upto) and len(before) >= offset:
+                start, end = len(before), len(before) + len(reply)
+            else:  # templates that render a turn differently later (system/tools moved, earlier reasoning dropped)
+                start, end = self._locate(full, reply, message.get("content") or "", offset)
+            spans.append(self._without_inserted_reasoning(full, start, end, message.get("content") or ""))
         return full, spans
 
-    def _locate(self, full: str, content: str, offset: int) -> tuple[int, int]:
-        # Reasoning templates (Qwen3 and kin) print earlier replies without their <think> block.
+    def _locate(self, full: str, reply: str | None, content: str, offset: int) -> tuple[int, int]:
+        """Find a reply in the full render after `offset`: as rendered alone, without the empty reasoning block
+        a last turn gets, else by its content (Qwen3 prints earlier replies without their <think> block)."""
+        rendered = [reply, EMPTY_REASONING.sub("", reply, count=1)] if reply else []
+        for candidate in rendered:
+            start = full.find(candidate, offset)
+            if start >= 0:
+                return start, start + len(candidate)
         for candidate in (content, content.split("</think>")[-1].strip()):
             start = full.find(candidate, offset) if candidate else -1
             if start >= 0:
@@ -146,10 +213,19 @@ class ChatFormat:
                 break
         return start, end
 
+    @staticmethod
+    def _without_inserted_reasoning(full: str, start: int, end: int, content: str) -> tuple[int, int]:
+        """Leave out of the span an empty <think></think> that the template wrote, not the data."""
+        inserted = EMPTY_REASONING.match(full, start, end)
+        if inserted and "<think>" not in content:
+            return inserted.end(), end
+        return start, end
+
     def encode(self, messages: list[Message], tools: list[dict] | None = None,
                train_on_prompt: bool = False) -> EncodedConversation:
         dicts, tools = self.to_template_messages(messages, tools)
         full, spans = self.assistant_spans(dicts, tools)
+        self._check_system_kept(messages, full)
         encoding = self._tokenize(full)
         ids, mask, ends = encoding["input_ids"], [], []
         if "offset_mapping" in encoding:
@@ -165,6 +241,16 @@ class ChatFormat:
             mask.append(inside or train_on_prompt)
         ends.extend([len(ids)] * (len(spans) - len(ends)))
         return EncodedConversation(list(ids), mask, ends)
+
+    def _check_system_kept(self, messages: list[Message], full: str) -> None:
+        """Warn (once) when the template drops a system prompt: Mistral's official templates put it into the last
+        user turn only, so a conversation that ends with an assistant reply trains without it."""
+        system = messages[0].content.strip() if messages and messages[0].role == "system" else ""
+        if system and system not in full and not getattr(self, "_warned_system", False):
+            self._warned_system = True
+            logger.warning("the %s chat template drops the system prompt of this conversation (%s…): such records "
+                           "train without it; put the instruction into the user turn, or choose `template: NAME`",
+                           self.name, system[:40])
 
     def _tokenize(self, text: str) -> dict:
         # The template already writes BOS and friends, so no special tokens are added here.

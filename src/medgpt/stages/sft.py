@@ -12,7 +12,7 @@ from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.processors import SFTStats, encode_sft
-from medgpt.data.templates import ChatFormat
+from medgpt.data.templates import ChatFormat, TemplateError
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
@@ -26,7 +26,6 @@ from medgpt.training.recipe import (
 
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -54,7 +53,14 @@ class SFTArguments:
 
 def sft_features(chat: ChatFormat, records, max_length: int, train_on_prompt: bool):
     stats = SFTStats()
-    features = [f for r in records if (f := encode_sft(chat, r, max_length, train_on_prompt, stats)) is not None]
+    features = []
+    for record in records:
+        try:
+            feature = encode_sft(chat, record, max_length, train_on_prompt, stats)
+        except TemplateError as err:  # the template refuses the record: say which one
+            raise TemplateError(f"{record.source}: {err}") from None
+        if feature is not None:
+            features.append(feature)
     logger.info("SFT samples (max_length %d): %s", max_length, stats.line())
     info = dict(stats.counts)
     info["tokens"] = sum(len(f["input_ids"]) for f in features)
