@@ -441,7 +441,7 @@ RESUME_OFF = ("", "false", "no", "none")
 def normalise_resume(training) -> None:
     """`resume_from_checkpoint`: true / `True` / yes / latest mean auto (MedicalGPT's `--resume_from_checkpoint
     True`), false / no mean a fresh start; anything else is a checkpoint path."""
-    spec = getattr(training, "resume_from_checkpoint", None)
+    spec = training.resume_from_checkpoint
     if isinstance(spec, str) and spec.strip().lower() in RESUME_AUTO:
         training.resume_from_checkpoint = "auto"
     elif isinstance(spec, str) and spec.strip().lower() in RESUME_OFF:
@@ -473,8 +473,7 @@ def check_evaluation_request(config: RunConfig) -> None:
     if "do_eval" not in config.given:
         return
     has_validation = has_validation_data(config.data)
-    wanted = config.given["do_eval"]
-    wanted = wanted if isinstance(wanted, bool) else coerce(wanted, bool, "do_eval")
+    wanted = config.training.do_eval  # transformers turns it on when eval_strategy evaluates during training
     if wanted and not has_validation:
         raise ConfigError("do_eval: true needs validation data: set validation_file_dir, or validation_split_percentage "
                           "(medgpt evaluates on it after training, and every eval_steps with eval_strategy: steps)")
