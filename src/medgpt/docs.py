@@ -59,9 +59,16 @@ TRAINING_FIELDS = {
                        "run can no longer resume exactly.",
     "load_best_model_at_end": None,
     "metric_for_best_model": None,
-    "resume_from_checkpoint": "Continue a run: `auto` (or true) takes the newest complete checkpoint in output_dir, "
-                              "or starts fresh if there is none; a path must be a complete checkpoint. Restores "
-                              "weights, optimizer, scheduler, RNG and data position.",
+    "resume_from_checkpoint": "Continue a run: `auto` (or true / True / yes / latest, MedicalGPT's "
+                              "`--resume_from_checkpoint True`) takes the newest complete checkpoint in output_dir, "
+                              "or starts fresh if there is none; false / no starts fresh; a path must be a complete "
+                              "checkpoint. Restores weights, optimizer, scheduler, RNG and data position.",
+    "do_train": "MedicalGPT's flag, accepted as `true` (every training command trains); `false` is refused: evaluate a "
+                "model without training with `medgpt eval`.",
+    "do_eval": "MedicalGPT's flag: evaluate on the validation data after training (eval_loss, and perplexity for PT/SFT, "
+               "in train_results.json). medgpt evaluates exactly when there is validation data, so `true` needs "
+               "validation_file_dir or validation_split_percentage, and `false` with validation data is refused.",
+    "do_predict": "Accepted as `false`; `true` is refused: answer a data file with `medgpt predict`.",
     "report_to": "Where metrics go besides metrics.jsonl and the plots: none (default), tensorboard, wandb, …",
     "run_name": None,
     "deepspeed": "A DeepSpeed config file (configs/deepspeed/zero1|zero2|zero3.json) to split optimizer states, "
@@ -166,6 +173,8 @@ def dataclass_options(cls: type, names=None, helps: dict | None = None, skip: se
         if name in fields and name not in (skip or set()):
             f = fields[name]
             text = (helps or {}).get(name) or clean(f.metadata.get("help"))
+            if f.metadata.get("stages"):
+                text += f" Only in stage {', '.join(f.metadata['stages'])}; refused elsewhere."
             options.append(Option(name, default_of(f), text, f"{cls.__name__}.{name}"))
     return options
 
@@ -226,6 +235,20 @@ def stage_sections(shared: set[str]) -> list[Section]:
     return sections
 
 
+def fixed_section() -> Section:
+    """The options a stage accepts only at the value it always runs with (config.FIXED_OPTIONS)."""
+    from medgpt.config import ANY_STAGE, FIXED_OPTIONS, _yaml_value
+
+    intro = ("Options medgpt accepts only at the value a stage always runs with, because it sets them itself or its "
+             "trainer does not read them; any other value is refused with the reason.")
+    options = []
+    for name, rules in FIXED_OPTIONS.items():
+        parts = [f"{'every stage' if stage == ANY_STAGE else stage}: `{_yaml_value(value)}` ({why})"
+                 for stage, (value, why) in rules.items()]
+        options.append(Option(name, "fixed", "; ".join(dict.fromkeys(parts)) + ".", f"config.FIXED_OPTIONS[{name}]"))
+    return Section("Fixed per stage (`config.FIXED_OPTIONS`)", intro, options)
+
+
 def command_sections() -> list[Section]:
     """The flags of every tool command (data, chat, merge, score, plan, …), from the CLI's own parser."""
     from medgpt.cli import build_parser
@@ -266,7 +289,7 @@ def sections() -> list[Section]:
     own = own_sections()
     training = training_section()
     shared = {option.name for section in [*own, training] for option in section.options}
-    return [*own, training, *stage_sections(shared), *command_sections()]
+    return [*own, training, fixed_section(), *stage_sections(shared), *command_sections()]
 
 
 def render_parameters(all_sections: list[Section]) -> str:
@@ -284,7 +307,7 @@ def render_parameters(all_sections: list[Section]) -> str:
         if section.intro:
             out += [section.intro, ""]
         for option in section.options:
-            default = "required" if option.default == "required" else f"default: `{option.default}`"
+            default = option.default if option.default in ("required", "fixed") else f"default: `{option.default}`"
             out.append(f"- **`{option.name}`** ({default}): {option.help}")
     return "\n".join(out) + "\n"
 
