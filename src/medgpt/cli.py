@@ -246,8 +246,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from medgpt.plan import ZERO_STAGES, Setup
-    from medgpt.planner import default_bits, hardware_for, report
+    from medgpt.plan.memory import ZERO_STAGES, Setup
+    from medgpt.plan.verdict import default_bits, hardware_for, report
 
     hardware = hardware_for(args.gpu, args.gpu_memory)
     setup = Setup(stage=args.stage, method=args.method, bits=args.bits or default_bits(args.method, hardware),
@@ -418,8 +418,8 @@ def add_tool_commands(commands) -> None:
     p.add_argument("--output", help="directory for metrics.json, answers.jsonl and mcq.jsonl")
     p.set_defaults(func=cmd_eval)
 
-    from medgpt.plan import METHODS, OPTIMIZERS, STAGE_NEEDS, ZERO_STAGES
-    from medgpt.planner import GPUS
+    from medgpt.plan.memory import METHODS, OPTIMIZERS, STAGE_NEEDS, ZERO_STAGES
+    from medgpt.plan.verdict import GPUS
 
     p = commands.add_parser("plan", help="will a training run fit in GPU memory? per-GPU estimate, verdict, fixes")
     p.add_argument("--model", required=True, help="model dir, adapter dir, hub name or smollm2-135m (reads config.json only)")

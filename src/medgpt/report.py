@@ -8,37 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from medgpt.metrics_files import METRICS_FILE, RESULTS_FILE, MetricsWriter, read_json, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
-
-
-class MetricsWriter(TrainerCallback):
-    """Append every log the Trainer emits as one JSON line, with its step and epoch."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # Resuming from step N: rows logged after N by the interrupted run are replayed now, so drop them.
-        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= state.global_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            row = {"step": state.global_step, "epoch": state.epoch, **logs}
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
-        return control
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+__all__ = ["plot_series", "plot_losses", "write_pipeline_report",
+           "METRICS_FILE", "MetricsWriter", "read_metrics"]  # the last three live in medgpt.metrics_files
 
 
 def plot_series(rows: list[dict], keys: list[str], png: str | Path, title: str, ylabel: str = "") -> Path | None:
