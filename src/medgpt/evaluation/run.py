@@ -149,7 +149,7 @@ def _mcq(engine, spec: EvalSpec, data: EvalData, files: dict) -> dict:
 def _load_engine(model: str, spec: EvalSpec):
     from medgpt.serve.engine import GenerationEngine
 
-    _free_memory()  # the previous model, dropped by its caller, before the next one loads
+    free_memory()  # the previous model, dropped by its caller, before the next one loads
     template = spec.template
     if spec.mcq_prompt == "plain" and not template and not _has_chat_template(model, spec):
         template = "chatml"  # plain prompts use no template; a base model without one still loads
@@ -166,7 +166,8 @@ def _has_chat_template(model: str, spec: EvalSpec) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Give back what the last dropped model held, before the next one loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -182,7 +183,7 @@ def _reward_model_metrics(spec: EvalSpec, pairs: list[PreferencePair], answers: 
     """Everything the reward model decides, with it loaded once (answers get their `reward`)."""
     from medgpt.models.reward import RewardModelScorer
 
-    _free_memory()
+    free_memory()
     scorer = RewardModelScorer.load(spec.reward_model, torch_dtype=spec.torch_dtype, batch_size=spec.batch_size,
                                     max_length=spec.max_length, trust_remote_code=spec.trust_remote_code)
     metrics = {}
@@ -204,7 +205,7 @@ def _judged(spec: EvalSpec, answers: list[dict], compared: list[dict]) -> dict[s
     rows_a, rows_b = matched_answers(answers, compared)
     results = {}
     for given in spec.judges:
-        _free_memory()
+        free_memory()
         judge = make_judge(given, model_name=spec.judge_model_name, torch_dtype=spec.torch_dtype,
                            batch_size=spec.batch_size, max_length=spec.max_length)
         results[given] = summary(judge.outcomes(rows_a, rows_b), judge.name, spec.seed)
