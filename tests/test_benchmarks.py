@@ -106,7 +106,7 @@ def test_a_forced_format_overrides_detection_and_a_wrong_one_names_the_field():
      r"bad.jsonl:1: cop: -1: this row has no answer"),
     ("bad.json", '[{"question": "Q", "option": {"A": "x", "B": "y"}, "answer": "", "question_type": "单项选择题"}]',
      r"bad.json:item 1: answer: missing: CMB-test ships without answers"),
-    ("bad.jsonl", '{"question": "Q"}\n', r"bad.jsonl:0: format: no benchmark format has these columns"),
+    ("bad.jsonl", '{"question": "Q"}\n', r"bad.jsonl: format: no benchmark format has these columns \(question\)"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, name, text, message):
     path = tmp_path / name
