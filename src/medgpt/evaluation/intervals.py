@@ -28,7 +28,7 @@ def wilson(successes: int, n: int, z: float = Z95) -> list[float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [max(0.0, centre - half) if successes else 0.0, min(1.0, centre + half) if successes < n else 1.0]
 
 
 def _resamples(n: int, seed: int, samples: int) -> np.ndarray:
