@@ -6,7 +6,7 @@ reply is a letter (`letter`, `generate`) the turn ends with an instruction to an
 Chinese for a Chinese question; with `mcq_cot` it asks to reason first and end with "Answer: X" / "答案：X".
 
 Plain prompts (`mcq_prompt: plain`) are lm-evaluation-harness's text formats, no chat template, so numbers are
-comparable with published ones: MMLU "{question}\\nA. …\\nAnswer:" after "The following are multiple choice
+comparable with published ones: MMLU "{question}\\nA. …\\nAnswer:" (by text: "Question: {question}\\nAnswer:") after "The following are multiple choice
 questions (with answers) about {subject}."; MedQA "Question: …"; MedMCQA "Question: …\\nChoices:\\n…"; PubMedQA
 "Abstract: …\\nQuestion: …\\nAnswer:"; CMMLU "…\\n答案："; the reply follows after one space. When options are
 scored by their text the prompt lists no options (lm-eval's cloze form), when by letter it does.
@@ -95,8 +95,8 @@ def plain_prompt(question: Question, scoring: str) -> str:
     """One question in lm-eval's format, up to and including the answer cue ("Answer:" / "答案：")."""
     lists = scoring in LETTER_REPLIES
     options = _option_lines(question) if lists else ""
-    if question.benchmark == "mmlu":
-        return f"{question.question.strip()}\n{options}Answer:"
+    if question.benchmark == "mmlu":  # lm-eval's mmlu (letters) and mmlu_continuation (option texts)
+        return f"{question.question.strip()}\n{options}Answer:" if lists else f"Question: {question.question.strip()}\nAnswer:"
     if question.benchmark == "cmmlu":
         return f"{question.question.strip()}\n{options}答案："
     if question.benchmark == "medmcqa":
