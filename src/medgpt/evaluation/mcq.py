@@ -12,11 +12,9 @@
 Nothing is sampled, so every rule is deterministic. A multi-answer question (CMB 多项选择题, …) is scored over
 every non-empty set of its letters (in order, "ABD"; for text rules the texts joined by "; ") and counts as right
 only for the exact set; partial credit (no wrong letter: the share of the right letters chosen) is reported
-apart. Which rule is the default was measured on the demo set (docs: README, evaluation).
-
-With `reply="letter"`-style scoring the letter carries a position bias that small models cannot overcome: the
-embedded SmolLM2-135M put the last option first on 70 of the 117 demo questions with letters and chose evenly
-without them, hence `mean` as the default.
+apart. `mean` is the default because it measured best on the demo set (benchmarks/mcq_scoring.py, README);
+an earlier measurement found the embedded SmolLM2-135M choosing the last option on 70 of the 117 demo questions
+when replies started with the letter: a small model's letter bias decides before the content does.
 """
 
 from __future__ import annotations
