@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import DEMO
+from teaching import teach
 from medgpt.arguments import ModelArguments
 from medgpt.cli import main
 from medgpt.config import ConfigError
@@ -155,24 +156,9 @@ STEPS = 4  # one step already teaches these four; a few more for margin
 
 def test_a_model_taught_the_answers_scores_full_accuracy_against_a_quarter_by_chance(learnable_model_dir, tokenizer,
                                                                                         tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(learnable_model_dir)
-    chat = ChatFormat(tokenizer)
-    encoded = [chat.encode([Message("user", mcq_question(MCQRecord(m["question"], m["options"]))),
-                            Message("assistant", m["options"][m["answer"]])]) for m in MCQS]
-    longest = max(len(e.input_ids) for e in encoded)
-    ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (longest - len(e.input_ids)) for e in encoded])
-    labels = torch.tensor([[t if keep else -100 for t, keep in zip(e.input_ids, e.assistant_mask)]
-                           + [-100] * (longest - len(e.input_ids)) for e in encoded])  # the right replies only
-    mask = (torch.arange(longest)[None, :] < torch.tensor([len(e.input_ids) for e in encoded])[:, None]).long()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(STEPS):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "taught")
-    tokenizer.save_pretrained(tmp_path / "taught")
+    conversations = [[Message("user", mcq_question(MCQRecord(m["question"], m["options"]))),
+                      Message("assistant", m["options"][m["answer"]])] for m in MCQS]
+    teach(learnable_model_dir, tokenizer, conversations, tmp_path / "taught", STEPS)  # the right replies only
     spec = EvalSpec(mcq_file=str(write_jsonl(tmp_path / "m.jsonl", MCQS)))
     assert evaluate_model(str(learnable_model_dir), spec)["mcq_accuracy"] < 1.0  # untaught
     metrics = evaluate_model(str(tmp_path / "taught"), spec)

@@ -20,7 +20,7 @@ from conftest import DEMO, ROOT
 from medgpt.data.records import Message
 from medgpt.evaluation import EvalSpec, evaluate_model
 from medgpt.evaluation.judges import JUDGE_PROMPT, JUDGE_SYSTEM, EndpointJudge
-from test_mcq_scoring import teach
+from teaching import teach
 
 ANSWERS = [{"question": "What does the heart do?", "answer": "It pumps blood around the body."},
            {"question": "What does insulin do?", "answer": "It lowers blood sugar."},

@@ -12,11 +12,11 @@ import torch
 
 from conftest import ROOT
 from medgpt.data.records import Message
-from medgpt.data.templates import ChatFormat
 from medgpt.evaluation import EvalSpec, evaluate_model
 from medgpt.evaluation.benchmarks import read_questions
 from medgpt.evaluation.mcq import partial_credit
 from medgpt.evaluation.mcq_prompts import candidates, chat_messages, plain_context, plain_prompt
+from teaching import teach
 
 FIXTURES = ROOT / "tests" / "fixtures" / "benchmarks"
 
@@ -97,28 +97,6 @@ def test_per_category_accuracy_has_its_own_interval(tiny_model_dir):
     by = metrics["mcq_by_category"]
     assert set(by) == {"step1", "step2&3"} and by["step2&3"]["n"] == 2
     assert all(0 <= c["accuracy_ci"][0] <= c["accuracy"] <= c["accuracy_ci"][1] <= 1 for c in by.values())
-
-
-def teach(model_dir: Path, tokenizer, conversations: list[list[Message]], out: Path, steps: int) -> Path:
-    """A few full steps on the conversations' replies: the tiny model learns to say them."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    chat = ChatFormat(tokenizer)
-    encoded = [chat.encode(c) for c in conversations]
-    longest = max(len(e.input_ids) for e in encoded)
-    ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (longest - len(e.input_ids)) for e in encoded])
-    labels = torch.tensor([[t if keep else -100 for t, keep in zip(e.input_ids, e.assistant_mask)]
-                           + [-100] * (longest - len(e.input_ids)) for e in encoded])
-    mask = (torch.arange(longest)[None, :] < torch.tensor([len(e.input_ids) for e in encoded])[:, None]).long()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_generative_scoring_reads_the_letter_a_taught_model_states(learnable_model_dir, tokenizer, tmp_path):
