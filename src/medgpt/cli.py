@@ -236,7 +236,8 @@ def cmd_eval(args) -> int:
                     few_shot_from_eval_set=args.few_shot_from_eval_set, preference_file=args.preference,
                     reward_model=args.reward_model, open_file=args.open, compare_with=args.compare_with,
                     judges=[*args.judge_model, *args.judge_url], judge_model_name=args.judge_url_model,
-                    limit=args.limit, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                    limit=args.limit, open_limit=args.open_limit, max_new_tokens=args.max_new_tokens,
+                    max_length=args.max_length,
                     batch_size=args.batch_size, template=args.template, torch_dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code, seed=args.seed)
     try:
@@ -451,6 +452,7 @@ def add_tool_commands(commands) -> None:
                         "fixed pairwise prompt in both orders (repeatable); key from $MEDGPT_JUDGE_API_KEY")
     p.add_argument("--judge-url-model", help="the model asked at --judge-url (default: the first it lists)")
     p.add_argument("--limit", type=int, help="use only the first N items of each file (generation on CPU is slow)")
+    p.add_argument("--open-limit", type=int, help="only the first N open questions (default: --limit)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest open answer in tokens")
     p.add_argument("--max-length", type=int, default=1024,
                    help="tokens per scored sequence: documents keep their start, MCQ prompts their end")
