@@ -55,6 +55,23 @@ def test_plain_prompt_scores_are_the_replys_log_likelihood_normalised_as_documen
         assert ("A. " in context) == (scoring == "letter")  # letters are listed only when they are the reply
 
 
+def test_batched_prompts_with_reused_kv_caches_score_as_each_sequence_alone(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.evaluation.likelihood import Continuation, continuation_logprobs, shared_prompts_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [tokenizer.encode(t) for t in ("Which organ pumps blood? Answer:", "Short?",
+                                             "A much longer prompt about the liver, the kidneys and bile. Answer:")]
+    tails = [[tokenizer.encode(t) for t in group] for group in
+             ([" heart", " the lungs, surely"], [" yes", " no", " maybe not"], [" bile"])]
+    batched = shared_prompts_logprobs(model, prompts, tails, tokenizer.pad_token_id)
+    alone = continuation_logprobs(model, [Continuation(p + t, len(p)) for p, group in zip(prompts, tails) for t in group],
+                                  tokenizer.pad_token_id)
+    assert [s.tokens for group in batched for s in group] == [s.tokens for s in alone]
+    assert [s.logprob for group in batched for s in group] == pytest.approx([s.logprob for s in alone], abs=1e-4)
+
+
 def test_plain_prompts_follow_lm_evals_formats():
     mmlu = read_questions(str(FIXTURES / "mmlu_cais.jsonl")).questions[0]
     assert plain_prompt(mmlu, "letter") == ("Which enzyme unwinds the DNA double helix during replication?\n"

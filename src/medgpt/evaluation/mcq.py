@@ -26,7 +26,7 @@ from medgpt.data.records import Message
 from medgpt.data.templates import ChatFormat
 from medgpt.evaluation.benchmarks import Question
 from medgpt.evaluation.intervals import bootstrap_mean, wilson
-from medgpt.evaluation.likelihood import Continuation, LogLikelihood, continuation_logprobs, shared_prompt_logprobs
+from medgpt.evaluation.likelihood import Continuation, LogLikelihood, continuation_logprobs, shared_prompts_logprobs
 from medgpt.evaluation.mcq_prompts import candidates, chat_messages, plain_context, reply_text
 
 SCORINGS = ("mean", "sum", "char", "byte", "letter", "generate")
@@ -100,23 +100,34 @@ def build_candidates(items: list[MCQItem], scoring: str, prompt: str, chat_forma
 
 
 def option_logprobs(model, groups: list[list[Continuation]], pad_id: int, batch_size: int) -> list[list[LogLikelihood]]:
-    """Scores of each question's candidates: the prompt runs once and its KV cache serves every candidate when
-    they share it (the usual case; a truncated prompt may differ per candidate, then each is scored whole)."""
+    """Scores of each question's candidates. When a question's candidates share their prompt (the usual case; a
+    truncated prompt may differ per candidate, then each is scored whole) the prompt runs once and its KV cache
+    serves every candidate; up to `batch_size` questions of similar prompt length run together (at most
+    4 x batch_size candidate rows at a time)."""
     from tqdm.auto import tqdm
 
-    scores: list[list[LogLikelihood] | None] = []
-    whole = []
-    for group in tqdm(groups, desc="multiple choice", unit="question", leave=False):
-        prompts = {tuple(c.ids[:c.start]) for c in group}
-        if len(prompts) == 1:
-            prompt, tails = list(prompts.pop()), [c.ids[c.start:] for c in group]
-            scores.append([s for begin in range(0, len(tails), batch_size)  # many letter sets: a batch at a time
-                           for s in shared_prompt_logprobs(model, prompt, tails[begin:begin + batch_size], pad_id)])
-        else:
-            whole.append(len(scores))
-            scores.append(None)
-    for at in whole:
-        scores[at] = continuation_logprobs(model, groups[at], pad_id, batch_size, desc="multiple choice")
+    scores: list[list[LogLikelihood] | None] = [None] * len(groups)
+    shared, whole = [], []
+    for at, group in enumerate(groups):
+        (shared if len({tuple(c.ids[:c.start]) for c in group}) == 1 else whole).append(at)
+    shared.sort(key=lambda at: groups[at][0].start)
+    with tqdm(total=len(groups), desc="multiple choice", unit="question", leave=False) as bar:
+        begin = 0
+        while begin < len(shared):
+            end, rows = begin, 0
+            while end < len(shared) and end - begin < batch_size and (end == begin or rows + len(groups[shared[end]]) <= 4 * batch_size):
+                rows += len(groups[shared[end]])
+                end += 1
+            batch = shared[begin:end]
+            prompts = [groups[at][0].ids[:groups[at][0].start] for at in batch]
+            tails = [[c.ids[c.start:] for c in groups[at]] for at in batch]
+            for at, result in zip(batch, shared_prompts_logprobs(model, prompts, tails, pad_id)):
+                scores[at] = result
+            bar.update(len(batch))
+            begin = end
+        for at in whole:
+            scores[at] = continuation_logprobs(model, groups[at], pad_id, batch_size, desc="multiple choice")
+            bar.update(1)
     return scores
 
 
