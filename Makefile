@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEDGPT := $(VENV)/bin/medgpt
 STAMP := $(VENV)/.medgpt-installed
-EXTRAS ?= cpu,quant,serve,test
+EXTRAS ?= cpu,quant,serve,test,bench
 
 .PHONY: install browser demo test test-fast docs clean
 

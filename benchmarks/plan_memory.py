@@ -4,7 +4,7 @@ On CUDA the measure is `torch.cuda.max_memory_allocated` (what the formulas mode
 fragmentation line is left out of the comparison); on CPU it is the growth of peak RSS (VmHWM) over the RSS
 after the model is ready, which includes allocator and library noise (hence the wide tolerance in
 tests/test_plan.py). Both compare what a step adds to the loaded model (optimizer states, then the larger of
-activations + logits and gradients: `medgpt.plan.peak`); on CUDA the loaded weights are compared too.
+activations + logits and gradients: `medgpt.plan.memory.peak`); on CUDA the loaded weights are compared too.
 
     python benchmarks/plan_memory.py --device cuda                       # built-in shapes, random weights
     python benchmarks/plan_memory.py --device cpu --model smollm2-135m --cases lora,full --batch 2 --length 256
@@ -85,7 +85,7 @@ def prepare(model, setup):
     from medgpt.arguments import AdapterArguments
     from medgpt.models.adapters import attach_adapter, freeze_layers
     from medgpt.models.lean import use_lean_activations
-    from medgpt.plan import STAGE_NEEDS
+    from medgpt.plan.memory import STAGE_NEEDS
     from medgpt.training.trainer import use_chunked_loss
 
     if STAGE_NEEDS[setup.stage].chunked_loss:
@@ -109,7 +109,7 @@ def step(model, optimizer, setup, device: str, packed: bool) -> None:
     `packed`: the rows concatenated into one, with per-row position ids (our padding-free SFT batches)."""
     import torch
 
-    from medgpt.plan import STAGE_NEEDS
+    from medgpt.plan.memory import STAGE_NEEDS
 
     rows = setup.batch * STAGE_NEEDS[setup.stage].sequences
     ids = torch.randint(0, model.config.vocab_size, (rows, setup.max_length), device=device)
@@ -127,7 +127,7 @@ def step(model, optimizer, setup, device: str, packed: bool) -> None:
 def measure(source: str, fields: dict, device: str) -> dict:
     import torch
 
-    from medgpt.plan import GiB, Hardware, Setup, estimate, model_shape, peak
+    from medgpt.plan.memory import GiB, Hardware, Setup, estimate, model_shape, peak
 
     fields = dict(fields)
     packed = fields.pop("packed", False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,24 @@ def test_rl_throughput_runs_in_tiny_mode_and_ends_with_the_summary_line(tmp_path
         assert all(s["generate_calls"] == 1 and s["generated_rows"] == 4 and 0 < s["new_positions"] <= 8
                    for s in steps)
     assert abs(results["ppo"]["peak_rss_bytes"] / 1e9 - rss) < 0.006
+
+
+def test_lm_eval_parity_holds_in_tiny_mode(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm_eval_parity.py"), "--tiny",
+                          "--output", str(tmp_path / "parity.json")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("parity=ok questions=8")
+    rules = json.loads((tmp_path / "parity.json").read_text())["rules"]
+    assert [r["scoring"] for r in rules] == ["letter", "sum", "char", "byte"]
+    assert all(r["medgpt_accuracy"] == r["lm_eval_accuracy"] and r["max_abs_score_difference"] < 1e-3 for r in rules)
+
+
+def test_mcq_scoring_measurement_runs_in_tiny_mode(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mcq_scoring.py"), "--tiny",
+                          "--output", str(tmp_path / "scoring.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "scoring.json").read_text())["results"]
+    assert [r["scoring"] for r in results] == ["mean", "sum", "char", "byte", "letter", "generate"]
+    assert all(0 <= r["ci"][0] <= r["accuracy"] <= r["ci"][1] <= 1 and r["n"] == 8 for r in results)
+    assert out.stdout.strip().splitlines()[-1].startswith("best=")

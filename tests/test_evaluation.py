@@ -1,7 +1,7 @@
 """Evaluation on tiny random models and the demo eval files: perplexity is exp of the HF loss over the same
 tokens, the MCQ choice is the option with the best log-likelihood per reply token, few-shot prompts never show
-the item itself, reward accuracy and win rate equal the scorer's own numbers, adapters load, and `medgpt eval`
-writes its outputs or fails with file:line."""
+the item itself, reward accuracy and win rate equal the scorer's own numbers (with intervals), adapters load, and
+`medgpt eval` writes its outputs or fails with file:line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import DEMO
+from teaching import teach
 from medgpt.arguments import ModelArguments
 from medgpt.cli import main
 from medgpt.config import ConfigError
@@ -20,7 +21,10 @@ from medgpt.data.readers import read_records
 from medgpt.data.records import InvalidDataError, MCQRecord, Message, Source
 from medgpt.data.templates import ChatFormat
 from medgpt.evaluation import EvalSpec, evaluate_model, reward_win_rate
-from medgpt.evaluation.mcq import MCQItem, candidate, conversation, few_shot_examples
+from medgpt.evaluation.benchmarks import Question
+from medgpt.evaluation.intervals import wilson
+from medgpt.evaluation.mcq import MCQItem, chat_candidate
+from medgpt.evaluation.mcq_prompts import chat_messages, few_shot_examples
 from medgpt.models.reward import RewardModelScorer
 from medgpt.rl.prompts import mcq_question
 
@@ -125,12 +129,11 @@ def test_an_adapter_directory_is_evaluated_on_its_base(tiny_model_dir, tokenizer
 # ------------------------------------------------------------------------------------------------ multiple choice
 
 
-@pytest.mark.parametrize("reply", ["text", "letter"])
-def test_mcq_picks_the_option_with_the_best_log_likelihood_per_reply_token(reply, tiny_model_dir, tokenizer, tmp_path):
+def test_mcq_picks_the_option_with_the_best_log_likelihood_per_reply_token(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "eval"
-    spec = EvalSpec(mcq_file=str(write_jsonl(tmp_path / "mcq.jsonl", MCQS)), mcq_reply=reply, batch_size=3)
+    spec = EvalSpec(mcq_file=str(write_jsonl(tmp_path / "mcq.jsonl", MCQS)), batch_size=3)
     metrics = evaluate_model(str(tiny_model_dir), spec, out)
     rows = [json.loads(line) for line in (out / "mcq.jsonl").read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -138,13 +141,14 @@ def test_mcq_picks_the_option_with_the_best_log_likelihood_per_reply_token(reply
         record = MCQRecord(item["question"], item["options"], item["answer"])
         direct = {}
         for key, text in item["options"].items():
-            said = text if reply == "text" else f"{key}. {text}"
             direct[key] = reply_mean_logprob(model, tokenizer, [{"role": "user", "content": mcq_question(record)},
-                                                                {"role": "assistant", "content": said}])
+                                                                {"role": "assistant", "content": text}])
         assert row["scores"] == pytest.approx(direct, abs=1e-4)
         assert row["predicted"] == max(direct, key=direct.get)
-    assert metrics["mcq_accuracy"] == sum(r["predicted"] == m["answer"] for r, m in zip(rows, MCQS)) / len(MCQS)
+    right = sum(r["predicted"] == m["answer"] for r, m in zip(rows, MCQS))
+    assert metrics["mcq_accuracy"] == right / len(MCQS) and metrics["mcq_accuracy_ci"] == wilson(right, 4)
     assert metrics["mcq_chance"] == 0.25 and metrics["mcq_n"] == 4
+    assert [r["answer"] for r in rows] == [m["answer"] for m in MCQS] and all("category" in r for r in rows)
 
 
 STEPS = 4  # one step already teaches these four; a few more for margin
@@ -152,55 +156,49 @@ STEPS = 4  # one step already teaches these four; a few more for margin
 
 def test_a_model_taught_the_answers_scores_full_accuracy_against_a_quarter_by_chance(learnable_model_dir, tokenizer,
                                                                                         tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(learnable_model_dir)
-    chat = ChatFormat(tokenizer)
-    encoded = [chat.encode([Message("user", mcq_question(MCQRecord(m["question"], m["options"]))),
-                            Message("assistant", m["options"][m["answer"]])]) for m in MCQS]
-    longest = max(len(e.input_ids) for e in encoded)
-    ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (longest - len(e.input_ids)) for e in encoded])
-    labels = torch.tensor([[t if keep else -100 for t, keep in zip(e.input_ids, e.assistant_mask)]
-                           + [-100] * (longest - len(e.input_ids)) for e in encoded])  # the right replies only
-    mask = (torch.arange(longest)[None, :] < torch.tensor([len(e.input_ids) for e in encoded])[:, None]).long()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(STEPS):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "taught")
-    tokenizer.save_pretrained(tmp_path / "taught")
+    conversations = [[Message("user", mcq_question(MCQRecord(m["question"], m["options"]))),
+                      Message("assistant", m["options"][m["answer"]])] for m in MCQS]
+    teach(learnable_model_dir, tokenizer, conversations, tmp_path / "taught", STEPS)  # the right replies only
     spec = EvalSpec(mcq_file=str(write_jsonl(tmp_path / "m.jsonl", MCQS)))
     assert evaluate_model(str(learnable_model_dir), spec)["mcq_accuracy"] < 1.0  # untaught
     metrics = evaluate_model(str(tmp_path / "taught"), spec)
     assert metrics["mcq_accuracy"] == 1.0 and metrics["mcq_chance"] == 0.25
 
 
+def questions(rows: list[dict], category: str | None = None) -> list[Question]:
+    return [Question(m["question"], m["options"], m["answer"], Source("mcq.jsonl", i + 1), category=category)
+            for i, m in enumerate(rows)]
+
+
 def test_few_shot_examples_are_other_questions_never_the_item_or_a_copy_of_it(tokenizer):
-    records = [MCQRecord(m["question"], m["options"], m["answer"], Source("mcq.jsonl", i + 1))
-               for i, m in enumerate(MCQS)]
-    records.append(MCQRecord(MCQS[0]["question"], MCQS[0]["options"], "B", Source("mcq.jsonl", 5)))  # a copy
+    records = questions(MCQS)
+    records.append(Question(MCQS[0]["question"], MCQS[0]["options"], "B", Source("mcq.jsonl", 5)))  # a copy
     chat = ChatFormat(tokenizer)
-    for index, record in enumerate(records):
-        shots = few_shot_examples(records, index, 2)
+    for record in records:
+        shots = few_shot_examples(records, record, 2)
         assert len(shots) == 2 and all(s.question != record.question for s in shots)
-        assert shots == few_shot_examples(records, index, 2)  # the same prompt for every model evaluated
-        messages = conversation(MCQItem(record, shots), "C")
+        messages = chat_messages(record, shots, "mean") + [Message("assistant", record.options["C"])]
         assert sum(record.question in m.content for m in messages) == 1  # asked once, last
         assert [m.role for m in messages] == ["user", "assistant"] * 3
-        scored, _ = candidate(chat, MCQItem(record, shots), "C", 1024)
+        scored, _ = chat_candidate(chat, MCQItem(record, shots), record.options["C"], "mean", 1024)
         assert tokenizer.decode(scored.ids[scored.start:]) == f"{record.options['C']}<|im_end|>"
         assert messages[1].content == shots[0].options[shots[0].answer]  # the examples are solved
     with pytest.raises(ConfigError, match="few_shot=4 needs at least 4 other questions"):
-        few_shot_examples(records, 0, 4)  # the copy of question 0 does not count
+        few_shot_examples(records, records[0], 4)  # the copy of question 0 does not count
+
+
+def test_few_shot_examples_come_first_from_the_questions_own_category_in_file_order():
+    pool = questions(MCQS[:2], "heart") + questions(MCQS[2:], "bones")
+    target = Question("Which bone protects the brain?", {"A": "Skull", "B": "Rib"}, "A", category="bones")
+    assert few_shot_examples(pool, target, 2) == pool[2:]
+    assert few_shot_examples(pool, target, 3) == pool[2:] + pool[:1]  # too few of its own: then the others
 
 
 def test_a_few_shot_prompt_too_long_loses_its_oldest_tokens_not_the_reply(tokenizer):
-    records = [MCQRecord(m["question"], m["options"], m["answer"], Source("mcq.jsonl", i + 1))
-               for i, m in enumerate(MCQS)]
-    item = MCQItem(records[0], few_shot_examples(records, 0, 3))
-    full, cut = candidate(ChatFormat(tokenizer), item, "B", 10_000)
-    short, truncated = candidate(ChatFormat(tokenizer), item, "B", 40)
+    records = questions(MCQS)
+    item = MCQItem(records[0], few_shot_examples(records, records[0], 3))
+    full, cut = chat_candidate(ChatFormat(tokenizer), item, "The heart", "mean", 10_000)
+    short, truncated = chat_candidate(ChatFormat(tokenizer), item, "The heart", "mean", 40)
     assert not cut and truncated and len(short.ids) == 40
     assert short.ids[short.start:] == full.ids[full.start:]
 
@@ -214,7 +212,8 @@ def test_reward_accuracy_equals_the_scorer_on_held_out_pairs_without_loading_the
     metrics = evaluate_model("no-such-model-is-loaded", spec)
     chosen, rejected = RewardModelScorer.load(str(tiny_rm_dir)).score_pairs(read_records(pairs_file, limit=8).records)
     assert metrics["reward_n"] == 8
-    assert metrics["reward_accuracy"] == sum(c > r for c, r in zip(chosen, rejected)) / 8
+    right = sum(c > r for c, r in zip(chosen, rejected))
+    assert metrics["reward_accuracy"] == right / 8 and metrics["reward_accuracy_ci"] == wilson(right, 8)
     assert metrics["reward_margin"] == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / 8, abs=1e-5)
 
 
@@ -237,7 +236,10 @@ def test_win_rate_matches_answers_by_question_and_counts_ties_half(tiny_rm_dir, 
 
     by_question = {row["question"]: row for row in b}
     wins = sum(reward(row) > reward(by_question[row["question"]]) for row in a[:2] + a[3:4])
-    assert result == {"win_rate": pytest.approx((wins + 0.5) / 4), "wins": wins, "losses": 3 - wins, "ties": 1, "n": 4}
+    low, high = result.pop("win_rate_ci")
+    assert result == {"win_rate": pytest.approx((wins + 0.5) / 4), "wins": wins, "losses": 3 - wins, "ties": 1,
+                      "win_n": 4, "judge": str(tiny_rm_dir)}
+    assert 0 <= low <= result["win_rate"] <= high <= 1 and low < high  # four questions decide little
     assert reward_win_rate(b, a, scorer)["wins"] == 3 - wins  # rows in memory, other way round
 
 
@@ -259,7 +261,7 @@ def test_eval_command_runs_every_part_on_the_demo_files_and_writes_its_outputs(t
                                                                               capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(tiny_model_dir), "--perplexity", str(DEMO / "eval" / "heldout_text.txt"),
-                 "--mcq", str(DEMO / "eval" / "mcq.jsonl"), "--few-shot", "1",
+                 "--mcq", str(DEMO / "eval" / "mcq.jsonl"), "--few-shot", "1", "--few-shot-from-eval-set",
                  "--preference", str(DEMO / "preference" / "pairs.jsonl"), "--reward-model", str(tiny_rm_dir),
                  "--open", str(DEMO / "eval" / "open_questions.jsonl"), "--compare-with", str(tiny_model_dir),
                  "--limit", "3", "--max-new-tokens", "4", "--max-length", "256", "--output", str(out)])
@@ -273,9 +275,11 @@ def test_eval_command_runs_every_part_on_the_demo_files_and_writes_its_outputs(t
     assert metrics["reward_mean"] == pytest.approx(sum(a["reward"] for a in answers) / 3)
     # The same model on the other side: greedy answers are identical, so every question is a tie.
     assert (metrics["win_rate"], metrics["ties"], metrics["win_n"]) == (0.5, 3, 3)
+    assert metrics["win_rate_ci"] == [0.5, 0.5] and len(metrics["mcq_accuracy_ci"]) == 2
     assert (out / "compare_answers.jsonl").is_file() and (out / "mcq.jsonl").is_file()
+    assert len((out / "perplexity.jsonl").read_text().splitlines()) == 3
     table = capsys.readouterr().out
-    assert "mcq_accuracy" in table and "win_rate" in table
+    assert "mcq_accuracy" in table and "win_rate" in table and "[" in table
 
     # Compared with an answers file instead of a model; a smaller run removes the files it did not write.
     code = main(["eval", "--model", str(tiny_model_dir), "--open", str(DEMO / "eval" / "open_questions.jsonl"),
@@ -289,8 +293,12 @@ def test_eval_command_fails_with_file_line_before_loading_any_model(tmp_path, ca
     bad = write_jsonl(tmp_path / "bad.jsonl", [MCQS[0], {**MCQS[1], "answer": "E"}])
     assert main(["eval", "--model", str(tmp_path / "missing-model"), "--mcq", str(bad)]) == 2
     assert "bad.jsonl:2: answer: 'E' is neither an option key" in capsys.readouterr().err
+    assert main(["eval", "--model", "m", "--mcq", str(bad), "--few-shot", "2"]) == 2
+    assert "few_shot_file" in capsys.readouterr().err  # never silently from the evaluated set
     assert main(["eval", "--model", "m", "--open", str(bad), "--compare-with", "other"]) == 2
     assert "win rate needs" in capsys.readouterr().err
+    assert main(["eval", "--model", "m", "--mcq", str(bad), "--mcq-cot"]) == 2
+    assert "needs mcq_scoring: generate" in capsys.readouterr().err
     assert main(["eval", "--model", "m"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
 

@@ -14,7 +14,7 @@ import yaml
 from conftest import DEMO, ROOT
 from medgpt.config import ConfigError
 from medgpt.data.records import InvalidDataError
-import medgpt.pipeline as pipeline_module
+import medgpt.pipeline_evaluation as pipeline_module
 from medgpt.evaluation import EvalSpec
 from medgpt.pipeline import check_data, load_pipeline, run_pipeline, stage_state
 from medgpt.report import read_metrics
@@ -120,10 +120,11 @@ def test_pipeline_runs_skips_resumes_and_reruns_from_a_stage(tmp_path, tiny_mode
     assert "reward_mean" in json.loads((out / "eval" / "dpo" / "metrics.json").read_text())  # after the RM
     assert "reward_mean" not in json.loads((out / "eval" / "sft" / "metrics.json").read_text())  # before it
     wins = json.loads((out / "eval" / "win_rates.json").read_text())
-    assert 0 <= wins["dpo vs sft"]["win_rate"] <= 1
+    assert 0 <= wins["dpo_vs_sft"]["win_rate"] <= 1 and wins["dpo_vs_sft"]["judge"] == "rm"
+    assert wins["dpo_vs_sft"]["win_rate_ci"][0] <= wins["dpo_vs_sft"]["win_rate"] and wins["dpo_vs_sft"]["win_n"] == 3
     text = report.read_text()
-    for piece in ("| pt | pt | done", "| dpo | dpo | done", "Held-out perplexity: base", "Reward-model win rate dpo vs sft",
-                  "on 40 held-out pairs",
+    for piece in ("| pt | pt | done", "| dpo | dpo | done", "Held-out perplexity base → pt", "MCQ accuracy pt → sft",
+                  "Win rate dpo vs sft judged by `rm`", "on 40 held-out pairs",
                   "Sample answers", "![pt: loss](pt/loss.png)"):
         assert piece in text, piece
     assert "<table>" in (out / "report.html").read_text()
@@ -187,8 +188,56 @@ def test_cli_check_prints_the_plan(tmp_path, tiny_model_dir, in_repo):
     assert "sft: sft ->" in out.stdout and "(reads pt)" in out.stdout and "configs and data are valid" in out.stdout
 
 
+def test_judges_are_planned_and_a_judge_a_stage_trained_against_is_marked(tmp_path, tiny_model_dir, in_repo):
+    from medgpt.pipeline_evaluation import judged_stages, judges_of, trained_against
+
+    data = tiny_pipeline(tmp_path, tiny_model_dir, open_file=str(DEMO / "eval" / "open_questions.jsonl"),
+                         reward_model="${rm.output}", compare={"dpo": "sft"},
+                         judges={"rm_b": "${rm.output}", "big": {"url": "http://127.0.0.1:9/v1", "model": "m"}})
+    data["stages"]["rm_b"] = {**data["stages"]["rm"]}  # a second reward model (the demo will train it on other pairs)
+    data["stages"]["ppo"] = {"config": "configs/ppo.yaml", "model_name_or_path": "${sft.output}",
+                             "reward_model_name_or_path": "${rm.output}", "max_steps": 1}
+    data["evaluation"]["judges"]["rm_b"] = "${rm_b.output}"
+    pipeline = load_pipeline(write(tmp_path / "p.yaml", data))
+    judges = judges_of(pipeline)
+    assert list(judges) == ["rm", "rm_b", "big"] and judges["big"] == {"url": "http://127.0.0.1:9/v1", "model": "m"}
+    assert judged_stages(pipeline) == {"rm", "rm_b"}  # both are measured on the held-out pairs
+    assert trained_against(pipeline, ("ppo", "sft"), judges["rm"]["model"]) == ["ppo"]
+    assert trained_against(pipeline, ("ppo", "sft"), judges["rm_b"]["model"]) == []
+    data["evaluation"]["judges"] = ["${rm.output}"]
+    with pytest.raises(ConfigError, match="judges maps a name"):
+        load_pipeline(write(tmp_path / "q.yaml", data))
+
+
+def test_the_report_prints_intervals_and_calls_only_changes_outside_noise_real(tmp_path, tiny_model_dir, in_repo):
+    from medgpt.pipeline_report import write_pipeline_report
+
+    pipeline = load_pipeline(write(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tiny_model_dir)))
+    out = tmp_path / "out" / "eval"
+    questions = [{"source": f"mcq.jsonl:{i}", "question": f"Q{i}", "answer": "A"} for i in range(60)]
+    right = {"base": range(0, 20), "pt": range(0, 22), "sft": range(0, 50)}  # pt: noise; sft: real
+    for name, which in right.items():
+        rows = [{**q, "predicted": "A" if i in which else "B", "correct": i in which} for i, q in enumerate(questions)]
+        (out / name).mkdir(parents=True)
+        (out / name / "mcq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / name / "metrics.json").write_text(json.dumps({"mcq_accuracy": len(which) / 60,
+                                                             "mcq_accuracy_ci": [0.1, 0.9], "mcq_n": 60}))
+    (out / "win_rates.json").write_text(json.dumps({"dpo_vs_sft": {
+        "win_rate": 0.6, "win_rate_ci": [0.45, 0.74], "win_n": 24, "wins": 12, "losses": 7, "ties": 5, "judge": "rm",
+        "a": "dpo", "b": "sft", "trained_against": ["dpo"]}}))
+    text = write_pipeline_report(pipeline).read_text()
+    assert "| sft | 0.833 [0.100, 0.900] |" in text
+    assert "MCQ accuracy base → pt: 0.333 → 0.367 (+0.033" in text and "within noise" in text.split("base → pt")[1]
+    assert "a real change" in text.split("pt → sft")[1].split("\n")[0]
+    assert "0.600 [0.450, 0.740] over 24 open questions" in text and "**not independent**: dpo" in text
+
+
 def test_demo_pipeline_is_valid(in_repo):
     pipeline = load_pipeline(ROOT / "configs" / "demo.yaml")
     check_data(pipeline)
     assert [s.stage.name for s in pipeline.stages] == ["pt", "sft", "rm", "ppo", "dpo"]
     assert pipeline.stage("ppo").values["reward_model_name_or_path"] == str(Path("outputs/demo/rm-merged"))
+    from medgpt.pipeline_evaluation import judges_of, trained_against
+
+    assert "limit" not in pipeline.evaluation and pipeline.evaluation["open_limit"] >= 24  # all 117 MCQs, 24 open
+    assert trained_against(pipeline, ("ppo", "sft"), judges_of(pipeline)["rm"]["model"]) == ["ppo"]

@@ -20,7 +20,7 @@ from medgpt.cli import main
 from medgpt.config import ConfigError
 from medgpt.models import lean
 from medgpt.models.adapters import attach_adapter, freeze_layers
-from medgpt.plan import (
+from medgpt.plan.memory import (
     GiB,
     Hardware,
     Setup,
@@ -32,7 +32,7 @@ from medgpt.plan import (
     read_model_config,
     trainable_parameters,
 )
-from medgpt.planner import dtype_advice, find_gpu, fixes
+from medgpt.plan.verdict import dtype_advice, find_gpu, fixes
 
 CPU = Hardware("CPU", 16, False, cuda=False)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medgpt.data.records import Message
+from medgpt.evaluation.choices import answer_letters
 from medgpt.rl import rewards
 from medgpt.rl.trl_prompts import encode_conversation
 
@@ -71,7 +72,7 @@ def test_rows_without_a_reference_get_none_so_trl_leaves_them_out():
     ("I think it is insulin", None),
 ])
 def test_chosen_letter_reads_common_answer_forms(answer, letter):
-    assert rewards.chosen_letter(answer) == letter
+    assert answer_letters(answer) == letter  # the evaluation's extractor, which choice_match uses
 
 
 def test_choice_rows_are_scored_by_exact_letter_match_in_every_answer_reward():

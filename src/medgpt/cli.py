@@ -228,12 +228,18 @@ def cmd_score(args) -> int:
 def cmd_eval(args) -> int:
     from medgpt.evaluation import EvalSpec, evaluate_model, format_metrics
 
-    spec = EvalSpec(perplexity_file=args.perplexity, mcq_file=args.mcq, few_shot=args.few_shot,
-                    mcq_reply=args.mcq_reply, preference_file=args.preference, reward_model=args.reward_model,
-                    open_file=args.open, compare_with=args.compare_with, limit=args.limit,
-                    max_new_tokens=args.max_new_tokens,
-                    max_length=args.max_length, batch_size=args.batch_size, template=args.template,
-                    torch_dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    spec = EvalSpec(perplexity_file=args.perplexity, mcq_file=args.mcq, mcq_format=args.mcq_format,
+                    mcq_split=args.mcq_split, mcq_subset=args.mcq_subset, subjects=args.subjects,
+                    medmcqa_numbering=args.medmcqa_numbering, mcq_scoring=args.mcq_scoring,
+                    mcq_prompt=args.mcq_prompt, mcq_cot=args.mcq_cot, mcq_max_new_tokens=args.mcq_max_new_tokens,
+                    few_shot=args.few_shot, few_shot_file=args.few_shot_file,
+                    few_shot_from_eval_set=args.few_shot_from_eval_set, preference_file=args.preference,
+                    reward_model=args.reward_model, open_file=args.open, compare_with=args.compare_with,
+                    judges=[*args.judge_model, *args.judge_url], judge_model_name=args.judge_url_model,
+                    limit=args.limit, open_limit=args.open_limit, max_new_tokens=args.max_new_tokens,
+                    max_length=args.max_length,
+                    batch_size=args.batch_size, template=args.template, torch_dtype=args.dtype,
+                    trust_remote_code=args.trust_remote_code, seed=args.seed)
     try:
         metrics = evaluate_model(args.model, spec, args.output)
     except ValueError as err:  # a reward model without a head, answer files without a common question …
@@ -246,8 +252,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from medgpt.plan import ZERO_STAGES, Setup
-    from medgpt.planner import default_bits, hardware_for, report
+    from medgpt.plan.memory import ZERO_STAGES, Setup
+    from medgpt.plan.verdict import default_bits, hardware_for, report
 
     hardware = hardware_for(args.gpu, args.gpu_memory)
     setup = Setup(stage=args.stage, method=args.method, bits=args.bits or default_bits(args.method, hardware),
@@ -396,35 +402,72 @@ def add_tool_commands(commands) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off: safer)")
     p.set_defaults(func=cmd_score)
 
-    p = commands.add_parser("eval", help="perplexity, multiple-choice accuracy, reward accuracy, answers and "
-                                         "reward-judged win rate of a model (dir, adapter, hub name or alias)")
+    from medgpt.evaluation.benchmarks import FORMATS as MCQ_FORMATS
+    from medgpt.evaluation.mcq import PROMPTS as MCQ_PROMPTS, SCORINGS as MCQ_SCORINGS
+    from medgpt.evaluation.spec import DEFAULT_SCORING
+
+    p = commands.add_parser("eval", help="perplexity, accuracy on medical benchmarks (MedQA, MedMCQA, PubMedQA, "
+                                         "CMExam, CMB, MMLU, CMMLU), reward accuracy, answers and judged win rates "
+                                         "of a model (dir, adapter, hub name or alias), each with a 95%% interval")
     add_model_flags(p)
     p.add_argument("--perplexity", help="held-out text (.txt a document per line, or .jsonl with `text`): "
                                         "token-weighted perplexity, each document scored alone")
-    p.add_argument("--mcq", help="multiple-choice JSONL (question, options, answer): accuracy by the log-likelihood "
-                                 "per token of each option as the reply, with a chance baseline")
-    p.add_argument("--mcq-reply", default="text", choices=["text", "letter"],
-                   help="the reply scored per option: its text (default; small models have a strong letter bias) "
-                        "or `B. its text` (models trained to answer with letters)")
-    p.add_argument("--few-shot", type=int, default=0,
-                   help="solved questions from the same file shown first (never the question itself)")
+    p.add_argument("--mcq", help="a multiple-choice benchmark as downloaded (.csv/.json/.jsonl/.parquet file or "
+                                 "folder; a dataset name or a local dataset folder with --mcq-split), its format "
+                                 "detected from the columns")
+    p.add_argument("--mcq-format", default="auto", choices=MCQ_FORMATS,
+                   help="force the benchmark format instead of detecting it")
+    p.add_argument("--mcq-split", help="split of a dataset name or local dataset folder (read by datasets."
+                                       "load_dataset; default test)")
+    p.add_argument("--mcq-subset", help="the dataset's config name (e.g. an MMLU subject on cais/mmlu)")
+    p.add_argument("--subjects", help="keep only these categories (comma-separated); `medical` = MMLU's anatomy, "
+                                      "clinical_knowledge, college_biology, college_medicine, medical_genetics, "
+                                      "professional_medicine and CMMLU's medical subjects")
+    p.add_argument("--medmcqa-numbering", default="auto", choices=["auto", "hub", "original"],
+                   help="MedMCQA `cop`: hub = 0-based class index, original = 1-based; auto: a 0 or a 4 in the "
+                        "file decides, else hub")
+    p.add_argument("--mcq-scoring", default=DEFAULT_SCORING, choices=MCQ_SCORINGS,
+                   help="mean: log-likelihood per token of the option text (default, measured best on the demo "
+                        "set); sum / char / byte: summed, per character (lm-eval acc_norm), per byte (acc_bytes); "
+                        "letter: likelihood of the letter alone; generate: greedy answer, letter read from it")
+    p.add_argument("--mcq-prompt", default="chat", choices=MCQ_PROMPTS,
+                   help="chat: the model's chat template; plain: lm-evaluation-harness's text format (base models, "
+                        "numbers comparable with published lm-eval ones)")
+    p.add_argument("--mcq-cot", action="store_true", help="with --mcq-scoring generate: reason step by step, then "
+                                                          "answer (give --mcq-max-new-tokens room)")
+    p.add_argument("--mcq-max-new-tokens", type=int, help="longest generated MCQ answer (default 16, 512 with --mcq-cot)")
+    p.add_argument("--few-shot", type=int, default=0, help="solved examples shown before each question "
+                                                           "(from --few-shot-file)")
+    p.add_argument("--few-shot-file", help="where the examples come from: a dev split on disk, any benchmark format; "
+                                           "the first N of the question's own category when it has enough")
+    p.add_argument("--few-shot-from-eval-set", action="store_true",
+                   help="draw the examples from the evaluated questions instead (never the question itself)")
     p.add_argument("--preference", help="held-out preference pairs: reward-model accuracy (needs --reward-model)")
     p.add_argument("--reward-model", help="reward model dir (`medgpt rm` output) for --preference, the mean reward "
                                           "of --open answers and --compare-with")
     p.add_argument("--open", help="open questions (question/answer or conversation file): greedy answers saved to "
                                   "answers.jsonl, scored by --reward-model when given")
     p.add_argument("--compare-with", help="answers.jsonl of another model (or a model to answer the same --open "
-                                          "questions): reward-judged win rate of --model over it, ties count half")
+                                          "questions): win rate of --model over it, ties count half")
+    p.add_argument("--judge-model", action="append", default=[],
+                   help="another reward model judging the --compare-with win rate (repeatable); use one the "
+                        "compared models were not trained against")
+    p.add_argument("--judge-url", action="append", default=[],
+                   help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1 of `medgpt serve`) asked a "
+                        "fixed pairwise prompt in both orders (repeatable); key from $MEDGPT_JUDGE_API_KEY")
+    p.add_argument("--judge-url-model", help="the model asked at --judge-url (default: the first it lists)")
     p.add_argument("--limit", type=int, help="use only the first N items of each file (generation on CPU is slow)")
+    p.add_argument("--open-limit", type=int, help="only the first N open questions (default: --limit)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest open answer in tokens")
     p.add_argument("--max-length", type=int, default=1024,
                    help="tokens per scored sequence: documents keep their start, MCQ prompts their end")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass; lower it if memory runs out")
-    p.add_argument("--output", help="directory for metrics.json, answers.jsonl and mcq.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    p.add_argument("--output", help="directory for metrics.json, mcq.jsonl, answers.jsonl, perplexity.jsonl")
     p.set_defaults(func=cmd_eval)
 
-    from medgpt.plan import METHODS, OPTIMIZERS, STAGE_NEEDS, ZERO_STAGES
-    from medgpt.planner import GPUS
+    from medgpt.plan.memory import METHODS, OPTIMIZERS, STAGE_NEEDS, ZERO_STAGES
+    from medgpt.plan.verdict import GPUS
 
     p = commands.add_parser("plan", help="will a training run fit in GPU memory? per-GPU estimate, verdict, fixes")
     p.add_argument("--model", required=True, help="model dir, adapter dir, hub name or smollm2-135m (reads config.json only)")

@@ -1,6 +1,6 @@
 """The parameter manual, generated so it cannot drift: docs/parameters.md from the help texts of the option
 dataclasses (every stage in the registry, so new stages appear by themselves) and of the commands' flags, and
-the VRAM table in docs/memory.md from `medgpt.plan`. `make docs` (`python -m medgpt.docs`) rewrites both;
+the VRAM table in docs/memory.md from `medgpt.plan.memory`. `make docs` (`python -m medgpt.docs`) rewrites both;
 tests/test_docs.py fails when either is stale or an option has no help.
 """
 
@@ -342,8 +342,8 @@ def memory_table() -> str:
     """Our estimate next to the public table: SFT, batch 1 × 1024 tokens, gradient checkpointing on, one H100."""
     from transformers import LlamaConfig
 
-    from medgpt.plan import GiB, Setup, estimate, model_shape
-    from medgpt.planner import find_gpu
+    from medgpt.plan.memory import GiB, Setup, estimate, model_shape
+    from medgpt.plan.verdict import find_gpu
 
     shapes = {size: model_shape(LlamaConfig(vocab_size=32000, **values)) for size, values in REFERENCE_MODELS.items()}
     gpu = find_gpu("H100")

@@ -10,7 +10,8 @@ top of a stage YAML given as `config:`), plus shared `defaults` and an `evaluati
       rm:  {config: configs/rm.yaml, model_name_or_path: "${sft.output}"}
       dpo: {config: configs/dpo.yaml, model_name_or_path: "${sft.output}"}   # branches are fine
     evaluation: {perplexity_file: …, mcq_file: …, open_file: …, reward_model: "${rm.output}",
-                 compare: {dpo: sft}}
+                 compare: {dpo: sft},
+                 judges: {rm_b: "${rm_b.output}", big: {url: "http://127.0.0.1:8000/v1", model: qwen}}}
 
 `${NAME.output}` is NAME's model: its LoRA merged into a plain model when a later stage uses it (`merge: auto`,
 the default; `true`/`false` force it), else its output directory. `${NAME.adapter}` is the output directory
@@ -20,12 +21,18 @@ Everything (every stage's config and every data file) is checked before the firs
 in `OUTPUT/.pipeline/NAME.json`: a stage whose resolved options (and whose inputs) are unchanged and that
 finished is skipped; one that was interrupted resumes from its newest complete checkpoint; `--from NAME` reruns
 NAME and everything after it.
+
+Win rates (`OUTPUT/eval/win_rates.json`, one entry per compared pair and judge: `ppo_vs_sft` for the evaluation's
+reward model, `ppo_vs_sft_by_NAME` for each extra judge) carry `win_rate_ci`; an entry whose judge is the reward
+model one of the compared stages was trained against (`reward_model_name_or_path`) names those stages in
+`trained_against`, and the report says it is not an independent judge. Extra judges are reward models (any
+directory, or `${stage.output}` of another reward stage, e.g. one trained on a disjoint half of the preference
+data) or OpenAI-compatible endpoints (`medgpt.evaluation.judges`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -66,6 +73,11 @@ class PlannedStage:
     def uses_lora(self) -> bool:
         return bool(self.config.adapter.use_peft)
 
+    @property
+    def is_reward_model(self) -> bool:
+        """Its output scores answers: it is measured on held-out pairs, not evaluated as a chat model."""
+        return self.stage.name in REWARD_STAGES
+
 
 @dataclasses.dataclass
 class Pipeline:
@@ -73,7 +85,8 @@ class Pipeline:
     output_dir: Path
     stages: list[PlannedStage]
     evaluation: dict[str, Any]
-    compare: dict[str, str]  # stage -> the stage it is compared with (reward-model win rate)
+    compare: dict[str, str]  # stage -> the stage it is compared with (win rates)
+    judges: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # name -> {model} or {url, model}
 
     def stage(self, name: str) -> PlannedStage:
         return next(s for s in self.stages if s.name == name)
@@ -82,6 +95,13 @@ class Pipeline:
         """What `${name.output}` means once the stage has run."""
         planned = self.stage(name)
         return planned.merged if merges(planned, self) else planned.output
+
+    def state(self, name: str) -> dict[str, Any]:
+        return stage_state(self, name)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.output_dir / STATE_DIR
 
     @property
     def base_model(self) -> str:
@@ -118,9 +138,26 @@ def load_pipeline(path: str | Path) -> Pipeline:
             if n not in names:
                 raise ConfigError(f"{path}: evaluation.compare names '{n}', which is not a stage ({', '.join(names)})")
     pipeline.compare = {str(a): str(b) for a, b in compare.items()}
+    pipeline.judges = _plan_judges(pipeline, evaluation.pop("judges", None) or {})
     pipeline.evaluation = {k: _resolve(v, pipeline, f"{path}: evaluation.{k}", [])[0] for k, v in evaluation.items()}
     _check_evaluation_keys(pipeline)
     return pipeline
+
+
+def _plan_judges(pipeline: Pipeline, judges: Any) -> dict[str, dict[str, str]]:
+    where = f"{pipeline.file}: evaluation.judges"
+    if not isinstance(judges, dict):
+        raise ConfigError(f"{where} maps a name to a reward model (a directory or ${{stage.output}}) or to "
+                          "{url: …, model: …} of an OpenAI-compatible endpoint")
+    planned = {}
+    for name, judge in judges.items():
+        judge = {"url": judge} if isinstance(judge, str) and judge.startswith(("http://", "https://")) else \
+            {"model": judge} if isinstance(judge, str) else judge
+        if not isinstance(judge, dict) or not (set(judge) <= {"url", "model"}) or \
+                ("url" not in judge and "model" not in judge):
+            raise ConfigError(f"{where}.{name}: give a reward model (string) or {{url: …, model: …}}")
+        planned[str(name)] = {k: str(_resolve(v, pipeline, f"{where}.{name}.{k}", [])[0]) for k, v in judge.items()}
+    return planned
 
 
 def _plan_stage(pipeline: Pipeline, name: str, entry: dict, defaults: dict) -> PlannedStage:
@@ -197,11 +234,11 @@ def merges(planned: PlannedStage, pipeline: Pipeline) -> bool:
 def _check_evaluation_keys(pipeline: Pipeline) -> None:
     from medgpt.evaluation import EvalSpec
 
-    known = {f.name for f in dataclasses.fields(EvalSpec)}
+    known = {f.name for f in dataclasses.fields(EvalSpec)} - {"judges", "judge_model_name", "compare_with"}
     unknown = sorted(set(pipeline.evaluation) - known)
     if unknown:
         raise ConfigError(f"{pipeline.file}: evaluation has unknown key(s) {', '.join(unknown)} "
-                          f"(known: compare, {', '.join(sorted(known))})")
+                          f"(known: compare, judges, {', '.join(sorted(known))})")
 
 
 def check_data(pipeline: Pipeline) -> None:
@@ -221,9 +258,19 @@ def check_data(pipeline: Pipeline) -> None:
         if errors and not d.skip_invalid_records:
             problems += errors
     spec = pipeline.evaluation
-    for key, kind in (("perplexity_file", "pt"), ("mcq_file", "eval"), ("preference_file", "rm"), ("open_file", "eval")):
+    for key, kind in (("perplexity_file", "pt"), ("preference_file", "rm"), ("open_file", "eval")):
         if spec.get(key):
             problems += [e for c in check_paths([spec[key]], kind) for e in c.errors]
+    if spec.get("mcq_file"):  # benchmarks as published: their own readers
+        from medgpt.evaluation import EvalSpec
+        from medgpt.evaluation.run import read_mcq
+
+        values = EvalSpec(**spec)
+        values.limit = None
+        try:
+            read_mcq(values)
+        except InvalidDataError as err:
+            problems += err.errors
     if problems:
         raise InvalidDataError(problems)
 
@@ -233,7 +280,8 @@ def check_data(pipeline: Pipeline) -> None:
 
 def run_pipeline(path: str | Path, from_stage: str | None = None) -> Path:
     """Run (or continue) the pipeline; returns the report's path."""
-    from medgpt.report import write_pipeline_report
+    from medgpt.pipeline_evaluation import compare_answers, evaluate, evaluate_reward_model
+    from medgpt.pipeline_report import write_pipeline_report
 
     pipeline = load_pipeline(path)
     names = [s.name for s in pipeline.stages]
@@ -251,7 +299,7 @@ def run_pipeline(path: str | Path, from_stage: str | None = None) -> Path:
         run_stage(pipeline, planned, force=planned.name in forced)
         # The run's finish time is part of the key: a rerun stage is evaluated again.
         fingerprint = f"{planned.fingerprint}-{stage_state(pipeline, planned.name).get('finished')}"
-        if planned.stage.name in REWARD_STAGES:
+        if planned.is_reward_model:
             evaluate_reward_model(pipeline, planned.name, fingerprint)
         else:
             evaluate(pipeline, planned.name, str(planned.output), fingerprint=fingerprint)
@@ -273,8 +321,8 @@ def _write_state(pipeline: Pipeline, name: str, state: dict[str, Any]) -> None:
 
 
 def run_stage(pipeline: Pipeline, planned: PlannedStage, force: bool = False) -> None:
+    from medgpt.metrics_files import RESULTS_FILE
     from medgpt.models.merge import merge_adapter
-    from medgpt.training.recipe import RESULTS_FILE
 
     state = stage_state(pipeline, planned.name)
     same = state.get("fingerprint") == planned.fingerprint
@@ -307,90 +355,7 @@ def run_stage(pipeline: Pipeline, planned: PlannedStage, force: bool = False) ->
         _release_memory()
 
 
-def evaluate(pipeline: Pipeline, name: str, model: str, fingerprint: str) -> dict[str, Any] | None:
-    """Evaluate one chat model (cached by fingerprint), writing `OUTPUT/eval/NAME/`. Held-out preference pairs
-    measure the reward model, not this model: they are scored once per reward stage (`evaluate_reward_model`),
-    or with the base model when the reward model comes from outside the pipeline."""
-    spec_values = dict(pipeline.evaluation)
-    reward_model = spec_values.get("reward_model")
-    trained_here = reward_stage_of(pipeline, reward_model)
-    if trained_here is not None or not reward_model or name != "base":
-        spec_values.pop("preference_file", None)
-    if not any(k in spec_values for k in ("perplexity_file", "mcq_file", "open_file", "preference_file")):
-        return None
-    names = [s.name for s in pipeline.stages]
-    if not ("open_file" in spec_values or "preference_file" in spec_values):
-        spec_values.pop("reward_model", None)  # nothing here for it to score
-    elif trained_here is not None and (name not in names or names.index(name) < names.index(trained_here)):
-        # Trained later in this run (maybe again, after --from): a reward model from an earlier run must not
-        # score these answers; compare_answers scores them with the final one.
-        spec_values.pop("reward_model")
-    elif trained_here is not None:  # answers scored by a reward model that was retrained are scored again
-        state = stage_state(pipeline, trained_here)
-        fingerprint += f"-{state.get('fingerprint')}-{state.get('finished')}"
-    return _cached_evaluation(pipeline, name, model, spec_values, fingerprint)
-
-
-def evaluate_reward_model(pipeline: Pipeline, name: str, fingerprint: str) -> dict[str, Any] | None:
-    """Accuracy of the reward stage NAME on the evaluation's held-out preference pairs (when it is the
-    evaluation's reward model, or there is none), writing `OUTPUT/eval/NAME/`."""
-    pairs = pipeline.evaluation.get("preference_file")
-    judge = pipeline.evaluation.get("reward_model")
-    if not pairs or (judge and reward_stage_of(pipeline, judge) != name):
-        return None
-    model = str(pipeline.model_of(name))
-    spec_values = {"preference_file": pairs, "reward_model": model,
-                   **{k: v for k, v in pipeline.evaluation.items() if k in ("max_length", "batch_size", "torch_dtype")}}
-    return _cached_evaluation(pipeline, name, model, spec_values, fingerprint)
-
-
-def reward_stage_of(pipeline: Pipeline, reward_model: str | None) -> str | None:
-    """The pipeline stage whose model `reward_model` is (`${rm.output}`), if any."""
-    for planned in pipeline.stages:
-        if reward_model and planned.stage.name in REWARD_STAGES and \
-                str(reward_model) in (str(pipeline.model_of(planned.name)), str(planned.output)):
-            return planned.name
-    return None
-
-
-def _cached_evaluation(pipeline: Pipeline, name: str, model: str, spec_values: dict[str, Any],
-                       fingerprint: str) -> dict[str, Any]:
-    from medgpt.evaluation import EvalSpec, evaluate_model
-
-    done_key = hashlib.sha256((fingerprint + json.dumps(spec_values, sort_keys=True, default=str)).encode()).hexdigest()[:16]
-    directory = pipeline.output_dir / "eval" / name
-    marker = pipeline.output_dir / STATE_DIR / f"eval-{name}.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("key") == done_key and (directory / "metrics.json").is_file():
-        return json.loads((directory / "metrics.json").read_text())
-    logger.info("evaluating %s (%s)", name, model)
-    started = time.perf_counter()
-    metrics = evaluate_model(model, EvalSpec(**spec_values), output_dir=directory)
-    metrics["eval_seconds"] = round(time.perf_counter() - started, 1)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    marker.write_text(json.dumps({"key": done_key}), encoding="utf-8")
-    _release_memory()
-    return metrics
-
-
-def compare_answers(pipeline: Pipeline) -> None:
-    """Reward-model win rates of each compared pair, from the answers their evaluations saved."""
-    from medgpt.evaluation import reward_win_rate
-
-    reward_model = pipeline.evaluation.get("reward_model")
-    if not pipeline.compare or not reward_model:
-        return
-    results = {}
-    for a, b in pipeline.compare.items():
-        files = [pipeline.output_dir / "eval" / n / "answers.jsonl" for n in (a, b)]
-        if all(f.is_file() for f in files):
-            results[f"{a} vs {b}"] = reward_win_rate(files[0], files[1], reward_model)
-    (pipeline.output_dir / "eval" / "win_rates.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    _release_memory()
-
-
 def _release_memory() -> None:
-    import torch
+    from medgpt.evaluation.run import free_memory
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()

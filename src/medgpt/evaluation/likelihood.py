@@ -63,24 +63,34 @@ def continuation_logprobs(model, items: list[Continuation], pad_id: int, batch_s
 
 
 @torch.inference_mode()
-def shared_prompt_logprobs(model, prompt: list[int], continuations: list[list[int]], pad_id: int) -> list[LogLikelihood]:
-    """Several continuations of one prompt (a question's options): the prompt runs once and its KV cache is
-    reused by every continuation, instead of running prompt + continuation once per option. Same numbers as
-    `continuation_logprobs` on `prompt + continuation` (tests/test_evaluation.py)."""
+def shared_prompts_logprobs(model, prompts: list[list[int]], continuations: list[list[list[int]]],
+                            pad_id: int) -> list[list[LogLikelihood]]:
+    """Several continuations of each of several prompts (a batch of questions and their options): each prompt
+    runs once and its KV cache is reused by every one of its continuations, instead of running prompt +
+    continuation once per option. The prompts run together, left-padded (each row's positions start at 0 after
+    its padding); each row's cache is copied for its own continuations, which run together right-padded. Same
+    numbers as `continuation_logprobs` on every `prompt + continuation` (tests/test_mcq_scoring.py)."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    first = out.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].float().log_softmax(-1)  # (P, V): predicts each prompt's continuations' first token
+    owner = [i for i, tails in enumerate(continuations) for _ in tails]
     cache = out.past_key_values
-    cache.batch_repeat_interleave(len(continuations))
-    ids, mask = right_padded(continuations, pad_id)
-    n = len(prompt)
-    attention = torch.cat([torch.ones(len(continuations), n, dtype=mask.dtype), mask], dim=1)
-    positions = torch.arange(n, n + ids.shape[1]).expand(len(continuations), -1)
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                   past_key_values=cache, use_cache=True).logits.float().log_softmax(-1)
-    results = []
-    for row, tail in enumerate(continuations):
+    cache.batch_select_indices(torch.tensor(owner, device=device))
+    tails = [tail for group in continuations for tail in group]
+    tail_ids, tail_mask = right_padded(tails, pad_id)
+    lengths = torch.tensor([len(prompts[i]) for i in owner])
+    attention = torch.cat([mask[owner].cpu(), tail_mask], dim=1)
+    tail_positions = lengths[:, None] + torch.arange(tail_ids.shape[1])[None, :]
+    logits = model(input_ids=tail_ids.to(device), attention_mask=attention.to(device),
+                   position_ids=tail_positions.to(device), past_key_values=cache, use_cache=True).logits
+    logits = logits.float().log_softmax(-1)
+    results: list[list[LogLikelihood]] = [[] for _ in prompts]
+    for row, (i, tail) in enumerate(zip(owner, tails)):
         targets = torch.tensor(tail, device=device)
-        logprob = first[targets[0]] + logits[row, : len(tail) - 1].gather(-1, targets[1:, None]).sum()
-        results.append(LogLikelihood(logprob.item(), len(tail)))
+        logprob = first[i, targets[0]] + logits[row, : len(tail) - 1].gather(-1, targets[1:, None]).sum()
+        results[i].append(LogLikelihood(logprob.item(), len(tail)))
     return results

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from medgpt.data.records import Message
+from medgpt.evaluation.choices import answer_letters
 
 DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 # Function words that carry no medical content. Negations ("no", "not") are kept: they flip a medical answer.
@@ -44,12 +45,6 @@ under such any each other more most some usually often typically""".split())
 CHINESE_FUNCTION_CHARACTERS = frozenset("的了是和在与及或也就都而其之吗呢吧啊")
 TERM = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff]")
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-CHOICE_PATTERNS = (
-    re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)|[:：])?\s*[(\[]?([A-J])\b"),
-    re.compile(r"答案\s*(?:是|为|[:：])?\s*[(（]?([A-J])"),
-    re.compile(r"^\s*[(\[]?([A-J])\s*(?:[).:：、\]]|$)"),
-)
-
 
 # ------------------------------------------------------------------------------------------------ text
 
@@ -101,13 +96,11 @@ def term_recall(answer: str, reference: str) -> float:
     return len(wanted & set(key_terms(answer))) / len(wanted)
 
 
-def chosen_letter(text: str) -> str | None:
-    """The option letter an answer picks ("Answer: B", "答案是B", "(C) …", "D."), or None."""
-    for pattern in CHOICE_PATTERNS:
-        match = pattern.search(text)
-        if match:
-            return match.group(1)
-    return None
+def choice_score(answer: str, reference: str) -> float:
+    """1 when the letter(s) the answer states (read by the evaluation's one extractor, `answer_letters`) are
+    exactly the reference's; naming extra letters to hedge scores 0."""
+    wanted = "".join(sorted(set(reference.strip().upper())))
+    return float(answer_letters(answer) == wanted)
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -120,7 +113,7 @@ def _score_references(completions, reference, reference_kind, text_score: Callab
         if ref is None or kind == "none":
             scores.append(None)
         elif kind == "choice":
-            scores.append(float(chosen_letter(answer) == ref.strip().upper()))
+            scores.append(choice_score(answer, ref))
         else:
             scores.append(text_score(answer, ref))
     return scores
@@ -138,7 +131,7 @@ def answer_recall(completions, reference, reference_kind, **kwargs) -> list[floa
 
 def choice_match(completions, reference, reference_kind, **kwargs) -> list[float | None]:
     """1 when the answer picks the reference option letter, 0 when it picks another or none; None off MCQ rows."""
-    return [float(chosen_letter(answer_part(completion_text(c))) == ref.strip().upper()) if kind == "choice" else None
+    return [choice_score(answer_part(completion_text(c)), ref) if kind == "choice" else None
             for c, ref, kind in zip(completions, reference, reference_kind, strict=True)]
 
 

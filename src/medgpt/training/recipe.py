@@ -25,13 +25,13 @@ from medgpt.models.adapters import attach_adapter, count_parameters, freeze_laye
 from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model
 from medgpt.outputs import prepare_output_dir, write_model_card
-from medgpt.report import METRICS_FILE, MetricsWriter, plot_losses, plot_series, read_metrics
+from medgpt.metrics_files import METRICS_FILE, RESULTS_FILE, MetricsWriter, read_metrics
+from medgpt.report import plot_losses, plot_series
 from medgpt.serve.engine import save_template_name
 from medgpt.training.checkpoints import MarkCompleteCheckpoints, resolve_resume, resume_training
 from medgpt.training.trainer import CausalLMTrainer, use_chunked_loss
 
 logger = logging.getLogger(__name__)
-RESULTS_FILE = "train_results.json"
 CARD_METRICS = ("loss", "perplexity", "accuracy", "margin", "reward")  # what the model card's table shows
 
 

@@ -1,6 +1,6 @@
 """What `medgpt plan` says: the per-GPU table, the verdict, the changes that make a run fit (cheapest first,
 each with its price) and the dtype to train in, for a GPU named from a small table or this machine's.
-The numbers come from `medgpt.plan`."""
+The numbers come from `medgpt.plan.memory`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, replace
 
 from medgpt.config import ConfigError
-from medgpt.plan import (
+from medgpt.plan.memory import (
     OPTIMIZERS,
     PHASES,
     STAGE_NEEDS,
