@@ -188,6 +188,11 @@ class ContinuousBatcher(RowBatcher):
         with self.start_lock:
             if self.manager is not None and self.manager.is_running():
                 return
+            # Its logger prints to the console through a handler of its own, at INFO for every start and stop:
+            # that would land in the middle of a chat. Its warnings still show.
+            cb_logger = logging.getLogger("ContinuousBatchingLogger")
+            if cb_logger.level == logging.NOTSET:
+                cb_logger.setLevel(logging.WARNING)
             if self.manager is not None:
                 self.manager.stop(block=True, timeout=10)
             config = GenerationConfig(do_sample=False, eos_token_id=self.stop_ids,
