@@ -547,3 +547,18 @@ def test_embedded_model_answers_a_medical_question_over_the_api(embedded_dir):
                                                           max_tokens=160, stream=True))
     assert "37" in "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"  # the model's end-of-turn, not the token limit
+
+
+def test_serve_load_benchmark_runs_in_its_tiny_mode():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "serve_load.py"), "--tiny", "--clients", "3",
+                          "--max-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"clients=3 ttft_p50_s=[\d.]+ ttft_p95_s=[\d.]+ total_tokens_per_s=[\d.]+ vs_serial=[\d.]+",
+                        last), last
