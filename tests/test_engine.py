@@ -14,19 +14,11 @@ from medgpt.serve.batching import SerialBatcher, start_batcher
 from medgpt.serve.engine import GenerationEngine, SamplingParams, save_template_name
 from medgpt.serve.rows import AnswerText
 from medgpt.serve.sampling import RowSampling
-from taught_model import TAUGHT, taught_model_dir
+from taught_model import TAUGHT, taught, taught_model_dir  # noqa: F401 - `taught` is a fixture
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0)
 QUESTIONS = [[Message("user", q)] for q in TAUGHT]
 ANSWERS = list(TAUGHT.values())
-
-
-@pytest.fixture(scope="module")
-def taught(tmp_path_factory, tokenizer):
-    """Answers each TAUGHT question with its own answer, ending with <|im_end|> after 6 to 19 tokens."""
-    engine = GenerationEngine.load(str(taught_model_dir(tmp_path_factory, tokenizer)))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +143,22 @@ def test_rows_joining_a_running_batch_get_their_own_answers(taught):
     assert [text for text, _ in together] == [text for text, _ in alone] * 2
     assert [c.completion_tokens for _, c in together] == [c.completion_tokens for _, c in alone] * 2
     assert taught.batcher.active == 0 and not taught.batcher.sampling
+
+
+def test_rows_that_do_not_all_fit_in_the_kv_cache_wait_and_still_get_their_answers(taught):
+    prompts = [taught.chat_format.prompt_ids(q) for q in QUESTIONS]
+    small = start_batcher(taught.model, taught.tokenizer, taught.chat_format.stop_token_ids(),
+                          taught.chat_format.stop_strings, max_rows=8, kv_cache_tokens=192)
+    try:
+        assert small.capacity == 192  # three pages of 64 tokens: about two rows at a time
+        listeners = [Collect() for _ in range(8)]
+        for prompt, listener in zip(prompts * 2, listeners):
+            small.submit(prompt, GREEDY, listener)
+        assert [listener.wait()[0].strip() for listener in listeners] == ANSWERS * 2
+        with pytest.raises(ValueError, match="--kv-cache-tokens"):
+            small.submit(prompts[0], SamplingParams(max_new_tokens=190), Collect())
+    finally:
+        small.close()
 
 
 def test_stream_yields_the_same_text_as_generate(taught):

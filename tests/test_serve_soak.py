@@ -10,11 +10,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
 from medgpt.serve.api import ServerSettings, create_app
-from medgpt.serve.engine import GenerationEngine
-from taught_model import TAUGHT, taught_model_dir
+from taught_model import TAUGHT, taught  # noqa: F401 - `taught` is a fixture
 from test_server import running, wait_until_idle
 
 MODEL = "tiny"
@@ -82,13 +80,6 @@ def ask(http: httpx.Client, url: str, client: int, request: int):
 def rss_mb() -> float:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
-
-
-@pytest.fixture(scope="module")
-def taught(tmp_path_factory, tokenizer):
-    engine = GenerationEngine.load(str(taught_model_dir(tmp_path_factory, tokenizer)))
-    yield engine
-    engine.close()
 
 
 def test_eight_clients_mixed_requests_get_their_own_answers_round_after_round(taught):

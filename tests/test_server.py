@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from medgpt.cli import main
@@ -21,7 +20,7 @@ from medgpt.serve.api import ServerSettings, create_app
 from medgpt.serve.engine import GenerationEngine, SamplingParams
 from medgpt.serve.protocol import safe_prefix_length, split_tool_calls
 from medgpt.serve.vllm_server import vllm_lora_rank
-from taught_model import TAUGHT, taught_model_dir
+from taught_model import TAUGHT, taught, teach_by_heart  # noqa: F401 - `taught` is a fixture
 
 MODEL = "tiny"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -171,19 +170,7 @@ def tool_calling_engine(tmp_path_factory, tokenizer):
     tools = [WEATHER_TOOL["function"]]
     prompt = engine.chat_format.prompt_ids([Message("user", "Weather in Paris?")], tools)
     answer = tokenizer.encode(WEATHER_CALL + "<|im_end|>", add_special_tokens=False)
-    ids, target = torch.tensor([prompt + answer]), torch.tensor(answer)
-    model = engine.model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        logits = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1]
-        if torch.equal(logits.argmax(-1), target):  # greedy decoding now reproduces the call
-            break
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(logits, target).backward()
-        optimizer.step()
-    else:
-        pytest.fail("the tiny model did not learn the tool call")
-    model.eval()
+    teach_by_heart(engine.model, tokenizer, [(prompt, answer)])
     yield engine
     engine.close()
 
@@ -361,13 +348,6 @@ def test_two_concurrent_streams_overlap_in_time(engine):
     assert b[0] < a[-1] and sum(t < a[-1] for t in b) >= 5, (a, b)
 
 # ------------------------------------------------------------------------------------------- stops, prefill, limits
-
-
-@pytest.fixture(scope="module")
-def taught(tmp_path_factory, tokenizer):
-    engine = GenerationEngine.load(str(taught_model_dir(tmp_path_factory, tokenizer)))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
