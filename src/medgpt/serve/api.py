@@ -170,10 +170,11 @@ class OpenAIServer:
         gone = asyncio.ensure_future(client_gone(request))
         try:
             await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:  # also when this handler is cancelled (the server is stopping)
             gone.cancel()
-        if not answers.done():
-            job.cancel()
+            if not answers.done():
+                job.cancel()
+        if answers.cancelled():
             raise OpenAIError(499, "the client closed the connection", code="client_closed_request")
         return answers.result()
 

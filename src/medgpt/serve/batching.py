@@ -7,7 +7,8 @@ drops finished or cancelled ones, chunked prefill, prefix sharing. medgpt adds w
 - stop strings: its requests stop only at end-of-turn ids. Outputs are delivered in the generation thread
   itself (`_InlineRouter`), so a row whose text reaches a stop string is cancelled before the next step is
   scheduled, and a client that hangs up is dropped at the next step;
-- a KV cache sized on CPU: the manager sizes it from free accelerator memory, and on CPU from the machine's RAM.
+- a KV cache sized for CPU: the manager sizes its cache from free accelerator memory, which on CPU means from
+  the machine's whole RAM; there medgpt sizes it (1024 tokens per row, or `--kv-cache-tokens`).
 
 Its CUDA graphs and asynchronous double-buffering are turned off: the per-row sampler runs Python for each row
 (a captured graph would freeze it), and reads each row's tokens so far when its step is prepared (the
@@ -20,122 +21,21 @@ same sampling, stops and cancellation.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import queue
 import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from medgpt.serve.rows import AnswerText, Completion, SamplingParams
+from medgpt.serve.rows import Completion, Row, RowBatcher, RowHandle, RowListener, SamplingParams
 from medgpt.serve.sampling import OneRowSampler, RowSampling, sampler_processors
 
 logger = logging.getLogger(__name__)
 
 CPU_CACHE_TOKENS_PER_ROW = 1024  # default KV cache on CPU: this many tokens for each row of the batch
 PREFILL_CHUNK = 512  # prompt tokens computed per step; a longer prompt is split so running rows keep going
-
-
-class RowListener(Protocol):
-    """What a row reports, from the generation thread: keep these quick, they run between two steps."""
-
-    def piece(self, text: str) -> None: ...
-
-    def done(self, completion: Completion) -> None: ...
-
-    def failed(self, error: BaseException) -> None: ...
-
-
-@dataclass(eq=False)
-class Row:
-    key: int
-    prompt: list[int]
-    listener: RowListener
-    answer: AnswerText
-    sampling: RowSampling
-    seen: int = 0  # generated tokens already given to `answer`
-    ended: bool = False  # done, failed or cancelled: reported once
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def end(self) -> bool:
-        """Mark the row ended; False when something else ended it first."""
-        with self.lock:
-            if self.ended:
-                return False
-            self.ended = True
-            return True
-
-    def completion(self) -> Completion:
-        return self.answer.completion(len(self.prompt))
-
-    def feed(self, tokens: list[int]) -> None:
-        """Give the row its new tokens; the pieces of text they make go to the listener."""
-        for token in tokens:
-            self.seen += 1
-            piece = self.answer.add(token)
-            if piece:
-                self.listener.piece(piece)
-            if self.answer.done:
-                return
-
-
-class RowHandle:
-    """The submitter's hold on a row: `cancel` stops it at the next step and returns what it had so far."""
-
-    def __init__(self, batcher, row: Row):
-        self.batcher, self.row = batcher, row
-
-    def cancel(self) -> Completion | None:
-        if not self.row.end():
-            return None  # already over
-        self.batcher.forget(self.row)
-        completion = self.row.completion()
-        completion.finish_reason = "cancelled"
-        return completion
-
-
-class RowBatcher:
-    """What both batchers share: row bookkeeping, limits, and the end of a row."""
-
-    def __init__(self, tokenizer, stop_ids: list[int], stop_strings: tuple[str, ...], max_rows: int):
-        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, list(stop_ids), tuple(stop_strings)
-        self.max_rows = max_rows
-        self.capacity: int | None = None  # most tokens (prompt + answer) one row may hold; None: no limit here
-        self.rows: dict[int, Row] = {}
-        self.keys = itertools.count()
-
-    @property
-    def active(self) -> int:
-        return len(self.rows)
-
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if self.capacity is not None and prompt_tokens + max_new_tokens > self.capacity:
-            raise ValueError(f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens do not fit in the KV "
-                             f"cache of {self.capacity} tokens (raise --kv-cache-tokens)")
-
-    def new_row(self, prompt: list[int], params: SamplingParams, listener: RowListener) -> Row:
-        self.check_fits(len(prompt), params.max_new_tokens)
-        answer = AnswerText(self.tokenizer, self.stop_ids, (*self.stop_strings, *params.stop), params.max_new_tokens)
-        row = Row(next(self.keys), list(prompt), listener, answer, RowSampling(params))
-        self.rows[row.key] = row
-        return row
-
-    def forget(self, row: Row) -> None:
-        self.rows.pop(row.key, None)
-
-    def finish(self, row: Row) -> None:
-        if row.end():
-            self.forget(row)
-            row.listener.done(row.completion())
-
-    def fail(self, row: Row, error: BaseException) -> None:
-        if row.end():
-            self.forget(row)
-            row.listener.failed(error)
 
 
 # ------------------------------------------------------------------------------------------- continuous
