@@ -49,24 +49,6 @@ QUESTIONS = [
 ]
 
 
-def tiny_model(directory: Path) -> str:
-    """A tiny random Llama with the embedded tokenizer (it never says end-of-turn: every answer is max_tokens)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from medgpt.models.embedded import resolve_embedded
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_embedded("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.5, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -156,6 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from medgpt.hardware import cpu_bf16, cpu_name
+    from rl_throughput import make_tiny_model  # the benchmarks' smoke-mode model
 
     max_tokens = args.max_tokens or (16 if args.tiny else 64)
     questions = [QUESTIONS[i % len(QUESTIONS)] + (f" ({i})" if i >= len(QUESTIONS) else "")
@@ -164,7 +147,7 @@ def main() -> None:
           f"{os.cpu_count()} cores; model {'tiny random' if args.tiny else args.model}, {args.clients} clients x "
           f"{max_tokens} tokens, greedy, streaming", flush=True)
     with tempfile.TemporaryDirectory(prefix="medgpt-serve-load-") as scratch:
-        model = tiny_model(Path(scratch)) if args.tiny else args.model
+        model = str(make_tiny_model(Path(scratch))) if args.tiny else args.model
         port = free_port()
         server = start_server(model, port, args)
         url = f"http://127.0.0.1:{port}"
