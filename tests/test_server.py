@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from medgpt.cli import main
@@ -20,6 +19,8 @@ from medgpt.serve import check_api_exposure, protocol
 from medgpt.serve.api import ServerSettings, create_app
 from medgpt.serve.engine import GenerationEngine, SamplingParams
 from medgpt.serve.protocol import safe_prefix_length, split_tool_calls
+from medgpt.serve.vllm_server import vllm_lora_rank
+from taught_model import TAUGHT, taught, teach_by_heart  # noqa: F401 - `taught` is a fixture
 
 MODEL = "tiny"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -53,7 +54,9 @@ def client(base: str, key: str = "unused", retries: int = 0) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def engine(learnable_model_dir):
     # the large-init tiny model: its greedy answers differ from prompt to prompt (the small-init one says "\n"s)
-    return GenerationEngine.load(str(learnable_model_dir))
+    engine = GenerationEngine.load(str(learnable_model_dir))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +117,12 @@ def test_text_completions_continue_the_raw_prompt(engine, base_url):
 
 def test_a_raw_continuation_keeps_its_spaces_and_a_chat_answer_is_stripped(engine):
     ids = engine.tokenizer.encode(" blood through the body\n", add_special_tokens=False)
-    assert engine._finish(ids, SamplingParams()).text == " blood through the body\n"  # "pumps" + " blood"
-    answer = protocol.chat_choice(0, engine._finish(ids, SamplingParams()), tools_offered=False)
+    completion = engine.completion_of(ids, SamplingParams())
+    assert completion.text == " blood through the body\n"  # "pumps" + " blood"
+    answer = protocol.chat_choice(0, completion, tools_offered=False)
     assert answer["message"]["content"] == "blood through the body"
+    continued = protocol.chat_choice(0, completion, tools_offered=False, prefill=True)
+    assert continued["message"]["content"] == " blood through the body"  # appended to the prefill as it is
 
 
 def test_n_seed_and_stop(engine, base_url):
@@ -164,20 +170,9 @@ def tool_calling_engine(tmp_path_factory, tokenizer):
     tools = [WEATHER_TOOL["function"]]
     prompt = engine.chat_format.prompt_ids([Message("user", "Weather in Paris?")], tools)
     answer = tokenizer.encode(WEATHER_CALL + "<|im_end|>", add_special_tokens=False)
-    ids, target = torch.tensor([prompt + answer]), torch.tensor(answer)
-    model = engine.model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        logits = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1]
-        if torch.equal(logits.argmax(-1), target):  # greedy decoding now reproduces the call
-            break
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(logits, target).backward()
-        optimizer.step()
-    else:
-        pytest.fail("the tiny model did not learn the tool call")
-    model.eval()
-    return engine
+    teach_by_heart(engine.model, tokenizer, [(prompt, answer)])
+    yield engine
+    engine.close()
 
 
 def test_tool_calls_come_back_in_openai_shape(tool_calling_engine):
@@ -248,8 +243,15 @@ def test_bad_requests_get_openai_errors(base_url):
         api.chat.completions.create(model="gpt-4", messages=user)
     assert unknown.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as order:
-        api.chat.completions.create(model=MODEL, messages=[*user, {"role": "assistant", "content": "Hello"}])
-    assert order.value.body["param"] == "messages"
+        api.chat.completions.create(model=MODEL, messages=[{"role": "assistant", "content": "Hello"}, *user])
+    assert order.value.body["param"] == "messages[0]"
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        api.chat.completions.create(model=MODEL, messages=user, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        api.chat.completions.create(model=MODEL, messages=user, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert api.chat.completions.create(model=MODEL, messages=user, max_tokens=2,
+                                       response_format={"type": "text"}).choices[0].message.content
     with pytest.raises(openai.BadRequestError) as unsupported:
         api.chat.completions.create(model=MODEL, messages=user, presence_penalty=1.0)
     assert "presence_penalty" in unsupported.value.body["message"]
@@ -281,13 +283,194 @@ def test_full_queue_answers_503_and_a_closed_stream_frees_it(engine):
         assert api.chat.completions.create(model=MODEL, messages=user, max_tokens=2).choices[0].message.content
 
 
-def test_closing_a_stream_stops_generation(engine):
-    finished = []
-    pieces = engine.stream([Message("user", "Tell me everything about the liver.")],
-                           SamplingParams(max_new_tokens=400, temperature=0), on_finish=finished.append)
-    next(pieces)
-    pieces.close()
-    assert finished and finished[0].completion_tokens < 400
+@contextlib.contextmanager
+def slow_steps(engine, seconds: float):
+    """Every forward pass (one generation step) takes at least `seconds`: long answers take a known while."""
+    handle = engine.model.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def wait_until_idle(url: str, within: float) -> float:
+    """Seconds until /health shows nothing waiting or generating; fails after `within`."""
+    start = time.monotonic()
+    while True:
+        health = httpx.get(f"{url}/health").json()
+        if not health["pending"] and not health["generating"]:
+            return time.monotonic() - start
+        assert time.monotonic() - start < within, health
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_cancels_its_job(engine, stream):
+    # 400 steps of at least 20 ms: 8 s of generation; the client leaves after about 1 s
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me everything about the liver."}],
+           "max_tokens": 400, "temperature": 0, "stream": stream}
+    with running(create_app(engine, ServerSettings(MODEL))) as url, slow_steps(engine, 0.02):
+        with httpx.Client(timeout=60) as http:
+            if stream:
+                with http.stream("POST", f"{url}/v1/chat/completions", json=ask) as response:
+                    events = (line for line in response.iter_lines() if line.startswith("data:"))
+                    next(events), next(events)  # the role chunk, then the first token: hang up
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    http.post(f"{url}/v1/chat/completions", json=ask, timeout=1.0)
+        assert httpx.get(f"{url}/health").json()["pending"] <= 1
+        assert wait_until_idle(url, within=4.0) < 4.0  # cancelled at a step, not after the 400 tokens
+
+
+def test_two_concurrent_streams_overlap_in_time(engine):
+    arrivals: dict[str, list[float]] = {"A": [], "B": []}
+
+    def stream(name: str, question: str) -> None:
+        for chunk in client(url).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=30,
+                stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals[name].append(time.monotonic())
+
+    with running(create_app(engine, ServerSettings(MODEL))) as url, slow_steps(engine, 0.01):
+        first = threading.Thread(target=stream, args=("A", "What does the liver do?"))
+        first.start()
+        while not arrivals["A"]:
+            time.sleep(0.01)
+        second = threading.Thread(target=stream, args=("B", "What does the kidney do?"))
+        second.start()
+        first.join()
+        second.join()
+    a, b = arrivals["A"], arrivals["B"]
+    assert len(a) > 10 and len(b) > 10
+    # B joined the running batch: its tokens came while A was still generating (one at a time, B would start
+    # after A's last token)
+    assert b[0] < a[-1] and sum(t < a[-1] for t in b) >= 5, (a, b)
+
+# ------------------------------------------------------------------------------------------- stops, prefill, limits
+
+
+@pytest.fixture(scope="module")
+def taught_url(taught):
+    with running(create_app(taught, ServerSettings(MODEL, max_prompts=3, max_request_tokens=200))) as url:
+        yield url
+
+
+def usage_of_stream(chunks) -> tuple[str, str, int]:
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    return text, finish, chunks[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("stop", [",", "\n", "oranges, pep", ["nothing", "C, f"]])
+def test_stop_strings_end_answers_and_usage_counts_the_tokens_returned(taught, taught_url, stop):
+    answer = TAUGHT["Name a vitamin."]  # "Vitamin C, found in oranges, peppers and broccoli."
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Name a vitamin."}], temperature=0, max_tokens=40,
+               stop=stop)
+    api = client(taught_url)
+    reply = api.chat.completions.create(**ask)
+    streamed = usage_of_stream(list(api.chat.completions.create(**ask, stream=True,
+                                                                 stream_options={"include_usage": True})))
+    stops = [stop] if isinstance(stop, str) else stop
+    hit = min((answer.index(s) for s in stops if s in answer), default=None)
+    expected = answer if hit is None else answer[:hit]
+    tokens = taught.tokenizer.encode(answer, add_special_tokens=False)
+    # counted: the tokens through the one in which a stop string is complete (all of them when none appears)
+    counted = next((k for k in range(1, len(tokens) + 1)
+                    if any(s in taught.tokenizer.decode(tokens[:k]) for s in stops)), len(tokens))
+    assert reply.choices[0].message.content == expected.strip() == streamed[0].strip()
+    assert reply.choices[0].finish_reason == streamed[1] == "stop"
+    assert reply.usage.completion_tokens == streamed[2] == counted
+    assert (hit is None) == (counted == len(tokens))
+
+
+def test_completions_stop_and_length(taught, taught_url):
+    prompt = taught.tokenizer.decode(taught.chat_format.prompt_ids([Message("user", "What helps a burn?")]))
+    api = client(taught_url)
+    whole = api.completions.create(model=MODEL, prompt=prompt, max_tokens=60, temperature=0)
+    assert whole.choices[0].text == TAUGHT["What helps a burn?"] and whole.choices[0].finish_reason == "stop"
+    cut = api.completions.create(model=MODEL, prompt=prompt, max_tokens=60, temperature=0, stop=[" minutes"])
+    assert cut.choices[0].text == "Cool running water for twenty" and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < whole.usage.completion_tokens
+    short = api.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+def test_a_prefilled_assistant_message_is_continued(taught_url):
+    api = client(taught_url)
+    messages = [{"role": "user", "content": "What is anaemia?"}, {"role": "assistant", "content": "Too few"}]
+    reply = api.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=20)
+    assert reply.choices[0].message.content == " red blood cells."  # "Too few" + the continuation
+    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=20,
+                                              stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == " red blood cells."
+    with pytest.raises(openai.BadRequestError, match="tool calls"):
+        api.chat.completions.create(model=MODEL, max_tokens=2, messages=[messages[0], {
+            "role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "f", "arguments": "{}"}}]}])
+
+
+def test_prompts_per_request_and_the_generation_budget_are_limited(taught_url):
+    api = client(taught_url)
+    with pytest.raises(openai.BadRequestError, match="--max-prompts"):
+        api.completions.create(model=MODEL, prompt=["a", "b", "c", "d"], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="budget of 200"):
+        api.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=51)  # 2 x 2 x 51 = 204
+    assert len(api.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=50).choices) == 4
+    with pytest.raises(openai.BadRequestError, match="budget"):
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=5, max_tokens=41)
+
+
+def test_tokenising_a_prompt_does_not_block_the_server(taught):
+    tokenising, release = threading.Event(), threading.Event()
+
+    def slow_tokenize(text):
+        tokenising.set()
+        release.wait(30)
+        return taught.tokenizer.encode(text)
+
+    with running(create_app(taught, ServerSettings(MODEL))) as url:
+        server_side = threading.Thread(target=lambda: client(url).completions.create(
+            model=MODEL, prompt="a long prompt", max_tokens=2))
+        original, taught.text_prompt_ids = taught.text_prompt_ids, slow_tokenize
+        try:
+            server_side.start()
+            assert tokenising.wait(30)
+            assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"  # answered meanwhile
+        finally:
+            release.set()
+            server_side.join()
+            taught.text_prompt_ids = original
+
+
+def test_cors_origin_lets_a_browser_page_call_the_api(taught):
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with running(create_app(taught, ServerSettings(MODEL, cors_origins=("http://localhost:3000",)))) as url:
+        allowed = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+        other = httpx.options(f"{url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in other.headers
+    with running(create_app(taught, ServerSettings(MODEL))) as url:
+        assert "access-control-allow-origin" not in httpx.options(f"{url}/v1/chat/completions",
+                                                                  headers=preflight).headers
+
+
+def test_omitted_sampling_options_take_openais_defaults_as_v1_models_says(taught, taught_url):
+    [model] = httpx.get(f"{taught_url}/v1/models").json()["data"]
+    assert model["medgpt"]["defaults"]["temperature"] == 1.0 and model["medgpt"]["defaults"]["top_p"] == 1.0
+    assert model["medgpt"]["limits"]["prompts"] == 3 and model["medgpt"]["limits"]["kv_cache_tokens"] > 0
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=12, seed=11)
+    api = client(taught_url)
+    omitted = api.chat.completions.create(**ask).choices[0].message.content
+    assert omitted == api.chat.completions.create(**ask, temperature=1.0, top_p=1.0).choices[0].message.content
+    assert omitted != api.chat.completions.create(**ask, temperature=0.2, top_p=0.5).choices[0].message.content
+
+
+def test_vllm_lora_rank_is_rounded_up_to_an_accepted_one():
+    assert [vllm_lora_rank(r) for r in (1, 2, 4, 8, 12, 24, 64, 300, 512)] == [1, 8, 8, 8, 16, 32, 64, 320, 512]
+    with pytest.raises(ValueError, match="merge the adapter"):
+        vllm_lora_rank(1024)
 
 
 # ------------------------------------------------------------------------------------------- vLLM
@@ -320,7 +503,7 @@ def test_vllm_engine_serves_base_plus_adapter_with_the_trained_template(tiny_mod
     assert args[:6] == ["-m", "vllm.entrypoints.openai.api_server", "--host", "0.0.0.0", "--port", "8011"]
     assert args[args.index("--model") + 1] == str(tiny_model_dir)
     assert args[args.index("--lora-modules") + 1] == f"sft={adapter}" and "--enable-lora" in args
-    assert args[args.index("--max-lora-rank") + 1] == "4"
+    assert args[args.index("--max-lora-rank") + 1] == "8"  # r=4 rounded up to a rank vLLM accepts
     assert args[args.index("--chat-template") + 1] == str(adapter / "chat_template.jinja")
     assert args[-2:] == ["--max-model-len", "2048"]
     assert "k3y" not in args and (tmp_path / "python.key").read_text().strip() == "k3y"  # by environment
@@ -344,3 +527,18 @@ def test_embedded_model_answers_a_medical_question_over_the_api(embedded_dir):
                                                           max_tokens=160, stream=True))
     assert "37" in "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"  # the model's end-of-turn, not the token limit
+
+
+def test_serve_load_benchmark_runs_in_its_tiny_mode():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "serve_load.py"), "--tiny", "--clients", "3",
+                          "--max-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"clients=3 ttft_p50_s=[\d.]+ ttft_p95_s=[\d.]+ total_tokens_per_s=[\d.]+ vs_serial=[\d.]+",
+                        last), last

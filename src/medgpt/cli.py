@@ -133,7 +133,9 @@ def cmd_serve(args) -> int:
     from medgpt.serve.api import ServerSettings, run_server
 
     settings = ServerSettings(name, api_key, max_tokens_limit=args.max_tokens_limit, max_pending=args.max_queue,
-                              max_batch=args.max_batch)
+                              max_batch=args.max_batch, max_prompts=args.max_prompts,
+                              max_request_tokens=args.max_request_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                              cors_origins=tuple(args.cors_origin or ()))
     run_server(load_engine(args), settings, args.host, args.port)
     return 0
 
@@ -354,7 +356,17 @@ def add_tool_commands(commands) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="refuse requests asking for more tokens")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting or running at once; more are answered 503 (retry later)")
-    p.add_argument("--max-batch", type=int, default=8, help="waiting requests generated together in one batch")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="answers generated together: requests join and leave the running batch at every step")
+    p.add_argument("--max-prompts", type=int, default=16, help="prompts one /v1/completions request may hold")
+    p.add_argument("--max-request-tokens", type=int, default=65536,
+                   help="generation budget of one request (prompts x n x max_tokens); more is refused with 400")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="KV cache of the running batch, in tokens (default: 1024 per --max-batch row on CPU; on "
+                        "a GPU, sized from its free memory); a prompt + max_tokens longer than it is refused")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let web pages from this origin call the API from a browser (repeatable; e.g. "
+                        "http://localhost:3000, or * for any)")
     p.add_argument("--engine", default="medgpt", choices=["medgpt", "vllm"],
                    help="medgpt: this process on transformers (CPU or GPU); vllm: start vLLM's OpenAI server from "
                         "another Python environment (--vllm-python), much faster on GPUs")

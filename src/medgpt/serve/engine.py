@@ -1,15 +1,27 @@
 """The one generation engine: load a model (dir, hub name, alias, or base + adapter), render prompts with its
-saved chat template, generate in batches or stream, and stop at the template's end-of-turn tokens.
+saved chat template, and generate: offline batches (`generate`, `generate_rows`) or rows that join a running
+batch as they come (`submit`, `stream`), stopping at the template's end-of-turn tokens and the stop strings.
 
-Chat, batch prediction, the API server, the web UI, evaluation and RL rollouts all go through it.
+Chat, batch prediction, the API server, the web UI, evaluation and RL rollouts all go through it, two ways:
+- `submit` / `stream` (API server, web UI, terminal chat): continuous batching (`medgpt.serve.batching`), so
+  requests arriving at different times, with different options, progress together step by step.
+- `generate` / `generate_rows` (evaluation, prediction, PPO rollouts, post-training samples): a known list of
+  prompts in left-padded batches through `model.generate`, sampling with the global RNG (`seed` or the run's
+  `torch.manual_seed`). These run on models being trained (gradient checkpointing, FSDP / DeepSpeed wrappers,
+  PPO's live policy between optimizer steps), where a long-lived batching loop with its own KV cache and
+  thread has no place.
+Both cut the text with the same `medgpt.serve.rows.AnswerText`, so a stop string ends an answer at the same token
+and `completion_tokens` counts the same tokens on either path. Logits are sampled in fp32 on both paths
+(`generate` and the batching loop cast them), whatever dtype the model computes in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,29 +31,13 @@ from medgpt.arguments import ModelArguments
 from medgpt.data.records import Message
 from medgpt.data.templates import ChatFormat
 from medgpt.models.load import load_model, load_tokenizer, resolve_model_path
+from medgpt.serve.rows import AnswerText, Completion, SamplingParams
+
+__all__ = ["Completion", "GenerationEngine", "SamplingParams", "save_template_name", "saved_template_name"]
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_META = "medgpt_template.json"  # names the fallback template a model was trained with
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.9
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # extra stop strings, besides the template's end-of-turn
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-turn or stop string) | "length"
 
 
 def saved_template_name(model_dir: str | Path) -> str | None:
@@ -59,7 +55,9 @@ class GenerationEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat_format = chat_format
-        self.lock = threading.Lock()  # one generate() at a time per model; callers queue
+        self.lock = threading.Lock()  # one offline generate() at a time per model; callers queue
+        self.batcher = None  # the continuous batching loop, started by the first `submit`
+        self.batcher_lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str, template: str | None = None, torch_dtype: str = "auto",
@@ -92,7 +90,22 @@ class GenerationEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # ---------------------------------------------------------------------------------------- batches
+    # ---------------------------------------------------------------------------------------- offline batches
+
+    def answer_text(self, params: SamplingParams) -> AnswerText:
+        """An empty answer under this model's stops and the request's."""
+        return AnswerText(self.tokenizer, self.chat_format.stop_token_ids(),
+                          (*self.chat_format.stop_strings, *params.stop), params.max_new_tokens)
+
+    def completion_of(self, new_ids: list[int], params: SamplingParams, prompt_tokens: int = 0) -> Completion:
+        """The completion a row of generated ids stands for: cut at its first stop, padding after it ignored."""
+        answer = self.answer_text(params)
+        for token in new_ids:
+            if answer.done:
+                break
+            answer.add(token)
+        answer.end("length" if answer.tokens >= params.max_new_tokens else "stop")
+        return answer.completion(prompt_tokens)
 
     def _generation_kwargs(self, params: SamplingParams) -> dict:
         sample = params.temperature > 0
@@ -107,9 +120,6 @@ class GenerationEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)  # 0: off, not the model default 50
         else:  # the model's generation_config may carry sampling defaults; greedy must not warn about them
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        stops = [s for s in (*self.chat_format.stop_strings, *params.stop) if len(self.tokenizer.encode(s, add_special_tokens=False)) > 1]
-        if stops:
-            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         return kwargs
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,19 +128,6 @@ class GenerationEngine:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         return ids, mask
-
-    def _finish(self, new_ids: list[int], params: SamplingParams) -> Completion:
-        stop_ids = set(self.chat_format.stop_token_ids())
-        cut = next((i for i, t in enumerate(new_ids) if t in stop_ids), None)
-        kept = new_ids if cut is None else new_ids[:cut]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        reason = "stop" if cut is not None else "length"
-        for stop in (*self.chat_format.stop_strings, *params.stop):
-            if stop and stop in text:
-                text, reason = text[: text.index(stop)], "stop"
-        if reason == "length" and len(new_ids) < params.max_new_tokens:
-            reason = "stop"  # a multi-token stop string ended generation
-        return Completion(text, 0, len(kept) if cut is not None else len(new_ids), reason)
 
     def generate(self, conversations: list[list[Message]], params: SamplingParams | None = None,
                  tools: list[dict] | None = None, batch_size: int = 8) -> list[Completion]:
@@ -148,28 +145,60 @@ class GenerationEngine:
                      batch_size: int = 8) -> list[Completion]:
         """Continue each prompt of token ids (a rendered chat prompt or raw text)."""
         params = params or SamplingParams()
-        results: list[Completion] = []
-        for prompt, row in zip(all_prompts, self.generate_rows(all_prompts, params, batch_size)):
-            completion = self._finish(row, params)
-            completion.prompt_tokens = len(prompt)
-            results.append(completion)
-        return results
+        _, answers = self._generate_batches(all_prompts, params, batch_size)
+        for answer in answers:
+            answer.end("length" if answer.tokens >= params.max_new_tokens else "stop")
+        return [answer.completion(len(prompt)) for prompt, answer in zip(all_prompts, answers)]
 
-    @torch.inference_mode()
     def generate_rows(self, all_prompts: list[list[int]], params: SamplingParams, batch_size: int = 8) -> list[list[int]]:
         """The new token ids `generate` made for each prompt, as they come: a row that stopped early ends in
         padding (RL rollouts cut it themselves, keeping the end-of-turn token)."""
+        return self._generate_batches(all_prompts, params, batch_size)[0]
+
+    @torch.inference_mode()
+    def _generate_batches(self, all_prompts: list[list[int]], params: SamplingParams,
+                          batch_size: int) -> tuple[list[list[int]], list[AnswerText]]:
+        from transformers import StoppingCriteriaList
+
         rows: list[list[int]] = []
+        answers: list[AnswerText] = []
         with self.lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(all_prompts), batch_size):
                 ids, mask = self._left_padded(all_prompts[start:start + batch_size])
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generation_kwargs(params))
+                batch = [self.answer_text(params) for _ in range(ids.shape[0])]
+                out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                          stopping_criteria=StoppingCriteriaList([_AnswersEnded(batch)]),
+                                          **self._generation_kwargs(params))
                 rows += out[:, ids.shape[1]:].tolist()
-        return rows
+                answers += batch
+        return rows, answers
 
-    # ---------------------------------------------------------------------------------------- streaming
+    # ---------------------------------------------------------------------------------------- rows as they come
+
+    def start_batching(self, max_rows: int = 8, kv_cache_tokens: int | None = None, continuous: bool = True):
+        """Start the batching loop that `submit` and `stream` join (the server does at start-up, with its limits;
+        otherwise the first `submit` does, with these defaults). Returns it; later calls return the same one."""
+        from medgpt.serve.batching import start_batcher
+
+        with self.batcher_lock:
+            if self.batcher is None:
+                self.batcher = start_batcher(self.model, self.tokenizer, self.chat_format.stop_token_ids(),
+                                             self.chat_format.stop_strings, max_rows, kv_cache_tokens, continuous)
+            return self.batcher
+
+    def submit(self, prompt: list[int], params: SamplingParams, listener):
+        """Start one row now; `listener` gets its text pieces and its Completion (see `batching.RowListener`).
+        Returns a handle whose `cancel()` drops the row at the next step."""
+        return self.start_batching().submit(prompt, params, listener)
+
+    def close(self) -> None:
+        """Stop the batching loop (a later `submit` starts a new one)."""
+        with self.batcher_lock:
+            if self.batcher is not None:
+                self.batcher.close()
+                self.batcher = None
 
     def stream(self, messages: list[Message], params: SamplingParams | None = None,
                tools: list[dict] | None = None,
@@ -179,63 +208,60 @@ class GenerationEngine:
 
     def stream_ids(self, prompt: list[int], params: SamplingParams | None = None,
                    on_finish: Callable[[Completion], None] | None = None) -> Iterator[str]:
-        """Yield the continuation of a token-id prompt in text pieces (a background thread runs `generate`).
+        """Yield the continuation of a token-id prompt in text pieces; the row starts at once, in the running batch.
 
-        Generation stops as soon as the reader stops (a stop string was hit, or the iterator was closed because
-        a client hung up), so no tokens are computed for nobody. `on_finish` gets the finished Completion
-        (token counts, finish reason), which the text pieces alone cannot tell.
+        Closing the iterator early (a client hung up, Ctrl-C) drops the row at the next step, so no tokens are
+        computed for nobody. `on_finish` gets the Completion (token counts, finish reason; "cancelled" when the
+        reader left first), which the text pieces alone cannot tell.
         """
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        params = params or SamplingParams()
-        ids, mask = self._left_padded([prompt])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancelled = threading.Event()
-        kwargs = dict(input_ids=ids, attention_mask=mask, streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancelled)]),
-                      **self._generation_kwargs(params))
-        errors: list[BaseException] = []
-
-        def run():
-            try:
-                with self.lock, torch.inference_mode():
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
-                    out = self.model.generate(**kwargs)
-                if on_finish is not None:
-                    completion = self._finish(out[0, ids.shape[1]:].tolist(), params)
-                    completion.prompt_tokens = len(prompt)
-                    on_finish(completion)
-            except BaseException as err:  # surfaced in the caller's thread below
-                errors.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        text = ""
-        stops = [s for s in (*self.chat_format.stop_strings, *params.stop) if s]
-        try:
-            for piece in streamer:
-                text += piece
-                hit = next((s for s in stops if s in text), None)
-                if hit:
-                    piece = piece[: len(piece) - (len(text) - text.index(hit))]
-                    if piece:
-                        yield piece
-                    break
-                yield piece
-        finally:
-            cancelled.set()
-            thread.join()
-        if errors:
-            raise errors[0]
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handle = self.submit(prompt, params or SamplingParams(), _QueueListener(events))
+        return _pieces(events, handle, on_finish)
 
 
-class _StopWhenSet:
-    """A stopping criterion that ends generation once its event is set (the stream's reader went away)."""
+class _QueueListener:
+    def __init__(self, events: queue.SimpleQueue):
+        self.events = events
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def piece(self, text: str) -> None:
+        self.events.put(("piece", text))
+
+    def done(self, completion: Completion) -> None:
+        self.events.put(("done", completion))
+
+    def failed(self, error: BaseException) -> None:
+        self.events.put(("error", error))
+
+
+def _pieces(events: queue.SimpleQueue, handle, on_finish) -> Iterator[str]:
+    ended = False
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "piece":
+                yield value
+                continue
+            ended = True
+            if kind == "error":
+                raise value
+            if on_finish is not None:
+                on_finish(value)
+            return
+    finally:
+        if not ended:  # the reader left first
+            partial = handle.cancel()
+            if partial is not None and on_finish is not None:
+                on_finish(partial)
+
+
+class _AnswersEnded:
+    """A stopping criterion for a left-padded batch: a row ends when its answer does (end-of-turn, stop string)."""
+
+    def __init__(self, answers: list[AnswerText]):
+        self.answers = answers
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        for answer, token in zip(self.answers, input_ids[:, -1].tolist()):
+            if not answer.done:
+                answer.add(token)
+        return torch.tensor([a.done for a in self.answers], dtype=torch.bool, device=input_ids.device)

@@ -57,12 +57,17 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     logprobs: bool | int | None = None
+    response_format: dict | None = None  # only {"type": "text"}: no constrained decoding here
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
         for name in ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs"):
             if getattr(self, name):
                 raise ValueError(f"`{name}` is not supported by this server")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"`response_format` {kind!r} is not supported by this server (no constrained "
+                             "decoding): ask for JSON in the prompt and parse the reply")
         return self
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -177,8 +182,10 @@ def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_choice(index: int, completion: Completion, tools_offered: bool) -> dict:
-    text = completion.text.strip()  # a chat answer; /v1/completions keeps the raw continuation
+def chat_choice(index: int, completion: Completion, tools_offered: bool, prefill: bool = False) -> dict:
+    # A chat answer is stripped (/v1/completions keeps the raw continuation); the continuation of a prefilled
+    # assistant message keeps its leading space, so that prefill + content reads right.
+    text = completion.text.rstrip() if prefill else completion.text.strip()
     content, calls = split_tool_calls(text) if tools_offered else (text, [])
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
@@ -187,9 +194,10 @@ def chat_choice(index: int, completion: Completion, tools_offered: bool) -> dict
     return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
 
 
-def chat_completion(model: str, completions: list[Completion], prompt_tokens: int, tools_offered: bool) -> dict:
+def chat_completion(model: str, completions: list[Completion], prompt_tokens: int, tools_offered: bool,
+                    prefill: bool = False) -> dict:
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [chat_choice(i, c, tools_offered) for i, c in enumerate(completions)],
+            "choices": [chat_choice(i, c, tools_offered, prefill) for i, c in enumerate(completions)],
             "usage": usage(prompt_tokens, completions)}
 
 

@@ -1,9 +1,11 @@
-"""One worker thread runs every generation of the server, batching waiting requests that can share a batch.
+"""The server's requests on the engine's running batch: admission, one row per answer, cancellation.
 
-The queue is bounded: past `max_pending` requests (waiting or running) `submit` refuses at once, so an
-overloaded server answers "busy" instead of letting requests pile up until clients time out. Requests with
-identical sampling options and no seed go through `generate` together (left-padded, so each answer is what it
-would be alone); a seeded request runs alone to stay reproducible; streams run one at a time.
+A request becomes one row per prompt and choice (`n`) in the engine's continuous batch
+(`GenerationEngine.submit`), where rows with any options share the steps: a stream that arrives while others
+are generating joins them at the next step instead of waiting its turn. The queue is bounded: past
+`max_pending` requests (waiting or running) `submit` refuses at once, so an overloaded server answers "busy"
+instead of letting requests pile up until clients time out. `Job.cancel` (the client went away) drops a
+request's rows at the next step.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable
 
 from medgpt.serve.engine import Completion, GenerationEngine, SamplingParams
@@ -25,117 +25,179 @@ class QueueFull(RuntimeError):
     pass
 
 
-@dataclass
-class GenerateJob:
-    prompts: list[list[int]]
-    params: SamplingParams
-    future: Future = field(default_factory=Future)
+class Job:
+    """One request's rows; subclasses say where each row's pieces and completion go."""
 
-    def joins(self, other: "GenerateJob") -> bool:
-        return self.params.seed is None and other.params == self.params
+    def __init__(self, prompts: list[list[int]], params: SamplingParams):
+        self.prompts, self.params = prompts, params
+        self.handles: list = []
+        self.remaining = len(prompts)
+        self.closed = False  # every row over, or the job cancelled or failed
+        self.lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.on_close: Callable[["Job"], None] | None = None
+
+    def row_params(self, index: int) -> SamplingParams:
+        # n > 1 with a seed: each choice its own seed, or all n would be the same sample
+        if self.params.seed is None:
+            return self.params
+        return dataclasses.replace(self.params, seed=self.params.seed + index)
+
+    def start(self, engine: GenerationEngine) -> None:
+        for index, prompt in enumerate(self.prompts):
+            handle = engine.submit(prompt, self.row_params(index), _JobRow(self, index))
+            with self.lock:
+                self.handles.append(handle)
+                stopped = self.closed
+            if stopped:  # cancelled or failed while its rows were being submitted
+                handle.cancel()
+                return
+
+    def cancel(self) -> None:
+        """Drop every row still generating; nothing more is reported."""
+        self.cancelled.set()
+        if self._close():
+            for handle in list(self.handles):
+                handle.cancel()
+
+    def _close(self) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            self.closed = True
+        if self.on_close is not None:
+            self.on_close(self)
+        return True
+
+    def _row_done(self, index: int, completion: Completion) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.remaining -= 1
+            last = self.remaining == 0
+        self.row_done(index, completion)
+        if last and self._close():
+            self.all_done()
+
+    def _row_failed(self, error: BaseException) -> None:
+        if self._close():
+            for handle in list(self.handles):
+                handle.cancel()
+            self.failed(error)
+
+    # what subclasses report
+    def row_piece(self, index: int, text: str) -> None: ...
+
+    def row_done(self, index: int, completion: Completion) -> None: ...
+
+    def all_done(self) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
 
 
-@dataclass
-class StreamJob:
-    """Streams each prompt in turn; `emit` gets ("piece", index, text), ("done", index, Completion) and at the
-    end ("end", None, None) or ("error", None, exception). Setting `cancelled` stops generation early."""
+class _JobRow:
+    """The engine's listener for one row of a job."""
 
-    prompts: list[list[int]]
-    params: SamplingParams
-    emit: Callable[[tuple], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    def __init__(self, job: Job, index: int):
+        self.job, self.index = job, index
+
+    def piece(self, text: str) -> None:
+        if not self.job.closed:
+            self.job.row_piece(self.index, text)
+
+    def done(self, completion: Completion) -> None:
+        self.job._row_done(self.index, completion)
+
+    def failed(self, error: BaseException) -> None:
+        self.job._row_failed(error)
+
+
+class GenerateJob(Job):
+    """All answers at once: `future` gets the completions in prompt order."""
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams):
+        super().__init__(prompts, params)
+        self.future: Future = Future()
+        self.completions: list[Completion | None] = [None] * len(prompts)
+
+    def row_done(self, index: int, completion: Completion) -> None:
+        self.completions[index] = completion
+
+    def all_done(self) -> None:
+        self.future.set_result(self.completions)
+
+    def failed(self, error: BaseException) -> None:
+        self.future.set_exception(error)
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.future.cancel()
+
+
+class StreamJob(Job):
+    """Answers as they come: `emit` gets ("piece", index, text), ("done", index, Completion) and at the end
+    ("end", None, None) or ("error", None, exception)."""
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, emit: Callable[[tuple], None]):
+        super().__init__(prompts, params)
+        self.emit = emit
+
+    def row_piece(self, index: int, text: str) -> None:
+        self.emit(("piece", index, text))
+
+    def row_done(self, index: int, completion: Completion) -> None:
+        self.emit(("done", index, completion))
+
+    def all_done(self) -> None:
+        self.emit(("end", None, None))
+
+    def failed(self, error: BaseException) -> None:
+        logger.error("streaming generation failed: %s", error)
+        self.emit(("error", None, error))
 
 
 class GenerationQueue:
-    def __init__(self, engine: GenerationEngine, max_pending: int = 64, max_batch: int = 8):
-        self.engine, self.max_pending, self.max_batch = engine, max_pending, max_batch
-        self.jobs: deque = deque()
-        self.pending = 0  # jobs waiting or running
+    def __init__(self, engine: GenerationEngine, max_pending: int = 64, max_batch: int = 8,
+                 kv_cache_tokens: int | None = None):
+        self.engine, self.max_pending = engine, max_pending
+        self.batcher = engine.start_batching(max_batch, kv_cache_tokens)  # the engine's, if already running
+        self.jobs: set[Job] = set()
         self.condition = threading.Condition()
         self.stopped = False
-        self.worker = threading.Thread(target=self._work, name="medgpt-generation", daemon=True)
-        self.worker.start()
 
-    def submit(self, job: GenerateJob | StreamJob) -> None:
+    @property
+    def pending(self) -> int:
+        """Requests waiting or running."""
+        return len(self.jobs)
+
+    @property
+    def capacity(self) -> int | None:
+        """Most tokens (prompt + answer) one row may hold in the KV cache; None: only the model's context."""
+        return self.batcher.capacity
+
+    def submit(self, job: Job) -> None:
         with self.condition:
             if self.stopped:
                 raise QueueFull("the server is shutting down")
             if self.pending >= self.max_pending:
                 raise QueueFull(f"{self.pending} requests are already waiting or running (limit {self.max_pending})")
-            self.pending += 1
-            self.jobs.append(job)
-            self.condition.notify()
+            self.jobs.add(job)
+        job.on_close = self._closed
+        try:
+            job.start(self.engine)
+        except BaseException:
+            job.cancel()
+            raise
+
+    def _closed(self, job: Job) -> None:
+        with self.condition:
+            self.jobs.discard(job)
+            self.condition.notify_all()
 
     def stop(self) -> None:
+        """Refuse new requests and drop the running ones (the engine's batch keeps running for its other users)."""
         with self.condition:
             self.stopped = True
-            self.condition.notify()
-        self.worker.join(timeout=30)
-
-    # ---------------------------------------------------------------------------------------- worker
-
-    def _work(self) -> None:
-        while True:
-            with self.condition:
-                while not self.jobs and not self.stopped:
-                    self.condition.wait()
-                if self.stopped:
-                    return
-                batch = self._take_batch()
-            try:
-                if isinstance(batch[0], StreamJob):
-                    self._stream(batch[0])
-                else:
-                    self._generate(batch)
-            finally:
-                with self.condition:
-                    self.pending -= len(batch)
-
-    def _take_batch(self) -> list:
-        first = self.jobs.popleft()
-        batch = [first]
-        if isinstance(first, GenerateJob):
-            rows = len(first.prompts)
-            for other in list(self.jobs):
-                if rows + len(other.prompts) > self.max_batch:
-                    break
-                if isinstance(other, GenerateJob) and first.joins(other):
-                    self.jobs.remove(other)
-                    batch.append(other)
-                    rows += len(other.prompts)
-        return batch
-
-    def _generate(self, batch: list[GenerateJob]) -> None:
-        prompts = [p for job in batch for p in job.prompts]
-        try:
-            completions = self.engine.generate_ids(prompts, batch[0].params, batch_size=self.max_batch)
-        except Exception as err:  # noqa: BLE001 - every waiting request learns of it
-            logger.exception("generation failed")
-            for job in batch:
-                job.future.set_exception(err)
-            return
-        for job in batch:
-            job.future.set_result(completions[: len(job.prompts)])
-            completions = completions[len(job.prompts):]
-
-    def _stream(self, job: StreamJob) -> None:
-        try:
-            for index, prompt in enumerate(job.prompts):
-                # n > 1 with a seed: each choice its own seed, or all n would be the same sample
-                params = job.params
-                if params.seed is not None:
-                    params = dataclasses.replace(params, seed=params.seed + index)
-                finished: list[Completion] = []
-                pieces = self.engine.stream_ids(prompt, params, finished.append)
-                try:
-                    for piece in pieces:
-                        if job.cancelled.is_set():
-                            return
-                        job.emit(("piece", index, piece))
-                finally:
-                    pieces.close()  # stops generation when the client went away
-                job.emit(("done", index, finished[0]))
-            job.emit(("end", None, None))
-        except Exception as err:  # noqa: BLE001 - reported to the client's stream
-            logger.exception("streaming generation failed")
-            job.emit(("error", None, err))
+            jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()

@@ -29,6 +29,18 @@ INSTALL_HINT = ("install vLLM in an environment of its own (it pins its own torc
                 "--vllm-python ~/vllm-env/bin/python")
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds an adapter of this rank (r=4 -> 8, r=24 -> 32)."""
+    for accepted in VLLM_LORA_RANKS:
+        if rank <= accepted:
+            return accepted
+    raise ConfigError(f"LoRA rank {rank} is over vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]}): merge the "
+                      "adapter (`medgpt merge`) and serve the merged model")
+
+
 class VLLMUnavailable(ConfigError):
     """The interpreter given cannot run vLLM; the message says why and how to install it."""
 
@@ -56,8 +68,9 @@ def vllm_command(python: str, model: str, host: str, port: int, served_name: str
     if adapter_config.is_file():
         config = json.loads(adapter_config.read_text(encoding="utf-8"))
         base = resolve_model_path(config["base_model_name_or_path"])
+        rank = vllm_lora_rank(int(config.get("r", 16)))
         command += ["--model", base, "--served-model-name", Path(base).name, "--enable-lora",
-                    "--lora-modules", f"{served_name}={path}", "--max-lora-rank", str(config.get("r", 16))]
+                    "--lora-modules", f"{served_name}={path}", "--max-lora-rank", str(rank)]
     else:
         command += ["--model", str(path), "--served-model-name", served_name]
     template_file = chat_template_file(path, template, template_dir)
