@@ -30,6 +30,7 @@ class OutputHead:
 
     steps: tuple[Step, ...] = ()
     router_aux_loss_coef: float | None = None
+    attribute: str = "lm_head"  # the head's attribute name on the model (lm_head, output, embed_out …)
 
     def logits(self, raw: torch.Tensor) -> torch.Tensor:
         for op, value in self.steps:
@@ -55,7 +56,7 @@ def read_output_head(model) -> OutputHead:
         if "self.router_aux_loss_coef * aux_loss" not in source:
             raise Unsupported(f"{type(model).__name__} adds an auxiliary loss this reader does not know")
         coef = float(model.router_aux_loss_coef)
-    return OutputHead(tuple(reader.steps), coef)
+    return OutputHead(tuple(reader.steps), coef, reader.head_attribute)
 
 
 class _ForwardReader:
@@ -65,6 +66,7 @@ class _ForwardReader:
         self.model = model
         self.names: dict[str, object] = {}  # locals assigned from config values, e.g. `softcap = self.config.x`
         self.found_head = False
+        self.head_attribute = "lm_head"
         self.steps: list[Step] = []
 
     def block(self, statements: list[ast.stmt]) -> bool:
@@ -109,7 +111,7 @@ class _ForwardReader:
         elif self._is_head_call(node):
             if self.found_head:
                 raise Unsupported("the head is applied twice")
-            self.found_head = True
+            self.found_head, self.head_attribute = True, node.func.attr
         elif isinstance(node, ast.Name) and node.id == "logits" and self.found_head:
             return
         elif (isinstance(node, ast.Call) and _dotted(node.func) == "torch.tanh" and len(node.args) == 1

@@ -61,24 +61,40 @@ def _stock_forward(model):
     return own if own is not None else types.MethodType(type(model).forward, model)
 
 
+class _NoLogits(torch.nn.Module):
+    """Stands in for the head while the model's own forward runs: logits for no position, nothing computed."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(*hidden.shape[:-1], self.vocab_size)
+
+
 def _chunked_forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
     stock = _stock_forward(self)
     if labels is None:
         return stock(input_ids=input_ids, **kwargs)
     spec: ChunkedLoss = self._medgpt_chunked
     kwargs["use_cache"] = False
-    # The model's own forward runs (router losses, per-model inputs), keeping no logits at all; the decoder's final
-    # hidden states are taken on the way out and projected through the head a chunk at a time.
+    # The model's own forward runs (router losses, per-model inputs) with the head swapped out, keeping no
+    # logits; the decoder's final hidden states are taken on the way out and projected through the real head a
+    # chunk at a time. The head must run once per forward only: FSDP2 crashes in backward (SIGSEGV, torch 2.13)
+    # when a module of its tail group is called twice in one forward, and DeepSpeed would gather it twice.
+    head = self.get_output_embeddings()  # looked up per call: peft may have wrapped it (modules_to_save)
     hidden = []
     handle = self.get_decoder().register_forward_hook(lambda module, args, out: hidden.append(out[0]))
     device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
+    attribute = spec.output.attribute
+    original = getattr(self, attribute)
+    setattr(self, attribute, _NoLogits(self.config.get_text_config().vocab_size))
     try:
         outputs = stock(input_ids=input_ids, logits_to_keep=torch.zeros(0, dtype=torch.long, device=device), **kwargs)
     finally:
+        setattr(self, attribute, original)
         handle.remove()
-    # Looked up per call: peft may have wrapped the head (modules_to_save) after this patch.
-    loss, _ = chunked_lm_loss(hidden[-1], labels, self.get_output_embeddings(), spec.chunk_size, spec.output,
-                              num_items_in_batch)
+    loss, _ = chunked_lm_loss(hidden[-1], labels, head, spec.chunk_size, spec.output, num_items_in_batch)
     aux = getattr(outputs, "aux_loss", None)
     if spec.output.router_aux_loss_coef is not None and aux is not None:
         loss = loss + spec.output.router_aux_loss_coef * aux.to(loss.device)
