@@ -134,7 +134,7 @@ def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, An
     args.prediction_loss_only = True
     collator = PaddingFreeCollator() if job.packing else PaddedCollator(job.tokenizer.pad_token_id)
     if job.packing:
-        use_packed_attention(model)
+        use_packed_attention(model, job.config)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=job.train, eval_dataset=job.eval, data_collator=collator,
         processing_class=job.tokenizer, callbacks=standard_callbacks(args.output_dir), neftune_alpha=neftune,
@@ -146,14 +146,30 @@ def perplexity(evaluation: dict[str, float]) -> dict[str, float]:
     return {"eval_perplexity": math.exp(min(evaluation["eval_loss"], 50))}
 
 
-def use_packed_attention(model) -> None:
-    """Packed rows under SDPA: attend per document instead of through one block-diagonal mask (same result)."""
+def use_packed_attention(model, config: RunConfig | None = None) -> str | None:
+    """Packed rows under SDPA: attend per document instead of through one block-diagonal mask (same result). On
+    CUDA with flash-attn installed and 16-bit compute, flash-attention's varlen kernel instead, unless the config
+    chose `attn_implementation` itself. Returns the attention now used, or None when unchanged."""
+    import importlib.util
+
+    import torch
+
     from medgpt.models.attention import register_packed_attention, set_attention
 
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    if config._attn_implementation == "sdpa":
-        set_attention(model, register_packed_attention())
-        logger.info("attention: SDPA per packed document (sdpa_packed)")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != "sdpa":
+        return None
+    args = config.training if config is not None else None
+    half = args is not None and (args.bf16 or args.fp16) or next(base.parameters()).dtype in (torch.bfloat16,
+                                                                                             torch.float16)
+    if (config is not None and "attn_implementation" not in config.given and half and torch.cuda.is_available()
+            and torch.device(args.device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None):
+        set_attention(model, "flash_attention_2")
+        logger.info("attention: flash-attention 2 varlen kernel on packed rows (flash-attn is installed)")
+        return "flash_attention_2"
+    set_attention(model, register_packed_attention())
+    logger.info("attention: SDPA per packed document (sdpa_packed)")
+    return "sdpa_packed"
 
 
 def standard_callbacks(output_dir: str | Path) -> list:

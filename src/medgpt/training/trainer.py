@@ -14,6 +14,7 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from medgpt.data.collators import sample_lengths
+from medgpt.models.attention import flash_packed_kwargs
 from medgpt.models.output_head import OutputHead, Unsupported, read_output_head
 from medgpt.training.loss import chunked_lm_loss
 
@@ -127,8 +128,12 @@ class CausalLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # our forward divides by num_items_in_batch itself
         self.neftune = NEFTune(self.model, neftune_alpha) if neftune_alpha else None
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._flash = base.config._attn_implementation.startswith("flash_attention")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._flash and "position_ids" in inputs:  # varlen boundaries once per batch, not once per layer
+            inputs = {**inputs, **flash_packed_kwargs(inputs["position_ids"])}
         if self.neftune is not None:
             self.neftune.lengths = sample_lengths(inputs["position_ids"], inputs.get("attention_mask"))
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
