@@ -211,10 +211,17 @@ def test_independent_one_process_runs_under_a_two_process_launch_are_refused(tmp
 
 def test_deepspeed_zero3_on_cpu_trains_and_saves_the_gathered_weights(tmp_path, tiny_model_dir):
     pytest.importorskip("deepspeed")
-    data = write_sft(tmp_path / "sft.jsonl")
     out = tmp_path / "out"
-    log = run_ok(accelerate_launch("deepspeed_zero3.yaml", sft_options(tiny_model_dir, data, out, "max_steps=2"),
-                                   clean_env(tmp_path)))
+    # configs/sft.yaml's data and batches: the two processes get different numbers of labelled tokens, so the
+    # chunked loss would call the partitioned head a different number of times (a collective mismatch, gloo aborts)
+    # unless the chunk counts are made equal
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", "medgpt.cli", "sft", "configs/sft.yaml",
+               f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "max_steps=2", "eval_strategy=no",
+               "use_peft=false", "save_steps=100", "sample_prompts=0", "report_to=none"]
+    log = run_ok(subprocess.run(command, cwd=ROOT, env=clean_env(tmp_path), capture_output=True, text=True,
+                                timeout=300))
     results = json.loads((out / "train_results.json").read_text())
     assert (results["distributed_type"], results["world_size"], results["zero_stage"]) == ("deepspeed", 2, 3)
     start = load_file(tiny_model_dir / "model.safetensors")
@@ -224,5 +231,5 @@ def test_deepspeed_zero3_on_cpu_trains_and_saves_the_gathered_weights(tmp_path, 
     assert f"trainable parameters: {total:,} of {total:,}" in log
     for name, weight in saved.items():
         assert weight.shape == start[name].shape, name
-    assert float((saved["model.norm.weight"] - start["model.norm.weight"]).abs().max()) > 1e-4
+    assert float((saved["model.norm.weight"] - start["model.norm.weight"]).abs().max()) > 1e-5  # trained (warmup)
     AutoModelForCausalLM.from_pretrained(out)

@@ -145,6 +145,8 @@ def test_per_document_attention_leaves_padded_batches_and_generation_alone(tiny_
     assert document_starts(torch.tensor([[0, 1, 2, 3]])) is None  # one document: plain SDPA
     assert document_starts(torch.tensor([[1, 1, 0, 1]])) is None  # left-padded generation prompt
     assert document_starts(torch.tensor([[0, 1, 0], [0, 1, 2]])) is None  # a padded batch
+    with torch.inference_mode():  # generation: tensors without a version counter
+        assert document_starts(torch.tensor([[0, 1, 0, 1]])) == [0, 2]
     padded = PaddedCollator(pad_token_id=0)([{"input_ids": doc(6), "labels": doc(6), "position_ids": list(range(6))},
                                              {"input_ids": doc(3, 50), "labels": doc(3, 50), "position_ids": [0, 1, 2]}])
     prompt = torch.tensor([doc(5, 40)])

@@ -37,11 +37,12 @@ def document_starts(position_ids: torch.Tensor | None) -> list[int] | None:
     global _last_row
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
-    ref, version, starts = _last_row
-    if ref is not None and ref() is position_ids and version == position_ids._version:
+    version = -1 if position_ids.is_inference() else position_ids._version  # inference tensors have none
+    ref, seen_version, starts = _last_row
+    if ref is not None and ref() is position_ids and seen_version == version:
         return starts
     starts = _row_starts(position_ids[0])
-    _last_row = (weakref.ref(position_ids), position_ids._version, starts)
+    _last_row = (weakref.ref(position_ids), version, starts)
     return starts
 
 

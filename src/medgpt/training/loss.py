@@ -42,18 +42,47 @@ def chunked_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, head: tor
     count = int(targets.numel())
     total = hidden_states.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled() and hidden_states.requires_grad
-    if count == 0 and grad:
-        first = hidden_states.reshape(-1, hidden_states.shape[-1])[:1]
-        return _chunk_loss(first, torch.zeros(1, dtype=torch.long, device=first.device), head, output) * 0.0, 0
-    for start in range(0, count, chunk_size):
-        piece = (selected[start:start + chunk_size], targets[start:start + chunk_size])
+    empty = count == 0 and grad
+    if empty:  # one position, weighted 0: the graph reaches the head and the model, the loss stays 0
+        selected = hidden_states.reshape(-1, hidden_states.shape[-1])[:1]
+        targets = torch.zeros(1, dtype=torch.long, device=selected.device)
+    calls = -(-len(targets) // chunk_size)
+    if _sharded(head):
+        # Each call of a ZeRO-3 (or resharding FSDP) head gathers its weight, in the forward and again when the
+        # backward recomputes the chunk: every process must make as many calls, or the collectives mismatch.
+        calls = _most_over_processes(calls, hidden_states.device)
+    for index in range(calls):
+        piece = (selected[index * chunk_size:(index + 1) * chunk_size],
+                 targets[index * chunk_size:(index + 1) * chunk_size])  # empty past this process's own chunks
         if grad:
             total = total + checkpoint(_chunk_loss, *piece, head, output, use_reentrant=False)
         else:
             total = total + _chunk_loss(*piece, head, output)
+    if empty:
+        return total * 0.0, 0
     denominator = num_items if num_items is not None else count
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device).clamp(min=1)  # every micro-batch of the step may be empty
     else:
         denominator = max(denominator, 1)
     return total / denominator, count
+
+
+def _sharded(head: torch.nn.Module) -> bool:
+    """True when the head's weight is gathered on use: DeepSpeed ZeRO-3 partitions, FSDP2 DTensor shards."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in head.parameters())
+
+
+def _most_over_processes(value: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    wire = device if dist.get_backend() != "gloo" else torch.device("cpu")  # NCCL moves CUDA tensors only
+    most = torch.tensor([value], device=wire)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
