@@ -1,6 +1,6 @@
 """The chunked causal-LM loss on architectures that post-process their logits or add a router loss: equal to the
-stock loss and gradients (Cohere logit_scale, Granite logits_scaling, Gemma 2 final softcapping, Qwen3-MoE router
-loss); the stock path, with a log line, where the forward does something it cannot read; deep copies; batches
+stock loss and gradients (Cohere logit_scale, Granite logits_scaling, Gemma 2 final softcapping, Falcon-H1
+lm_head_multiplier, Qwen3-MoE router loss); the stock path, with a log line, where the forward does something it cannot read; deep copies; batches
 with no trained token."""
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def gemma2():
                                           attn_implementation="eager"))
 
 
+def falcon_h1():  # hybrid attention + Mamba; lm_head_multiplier lives on the decoder (`self.model`)
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    return FalconH1ForCausalLM(FalconH1Config(**{**SHAPE, "num_hidden_layers": 1}, head_dim=8, mamba_d_ssm=32,
+                                              mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+                                              lm_head_multiplier=0.25))
+
+
 def qwen3_moe():
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE, head_dim=8, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=16, output_router_logits=True,
@@ -71,7 +79,8 @@ def batch():
     (granite, [("div", 3.5)]),
     (gemma2, [("div", 0.05), ("tanh", 0.0), ("mul", 0.05)]),
     (qwen3_moe, []),
-], ids=["cohere", "granite", "gemma2", "qwen3_moe"])
+    (falcon_h1, [("mul", 0.25)]),
+], ids=["cohere", "granite", "gemma2", "qwen3_moe", "falcon_h1"])
 def test_chunked_loss_equals_the_stock_loss_and_gradients(build, steps):
     stock, chunked = pair(build)
     assert list(read_output_head(chunked).steps) == steps

@@ -154,8 +154,9 @@ def announce_engine(trainer) -> dict:
     engine = live_engine(trainer.accelerator)
     requested = requested_engine(trainer.args)
     if requested in ("fsdp", "deepspeed") and engine["distributed_type"] != requested and torch.cuda.is_available():
+        config = "fsdp.yaml" if requested == "fsdp" else "deepspeed_zero3.yaml"
         raise ConfigError(f"{requested} was requested but the trainer runs {engine['distributed_type']}: launch with "
-                          f"`accelerate launch --config_file configs/accelerate/{requested}*.yaml` on GPUs")
+                          f"`accelerate launch --config_file configs/accelerate/{config} -m medgpt.cli …`")
     if trainer.is_world_process_zero():
         extra = f", ZeRO stage {engine['zero_stage']}" if "zero_stage" in engine else ""
         logger.info("engine: %s, %d process(es)%s", engine["distributed_type"], engine["world_size"], extra)
