@@ -57,6 +57,21 @@ def test_requested_engine_follows_the_launcher_and_the_options(monkeypatch):
         "deepspeed"
 
 
+def test_one_process_on_cpu_refuses_deepspeed_and_says_fsdp_runs_alone(monkeypatch, caplog):
+    from medgpt.training.distributed import configure_engine
+
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="DeepSpeed on CPU needs a multi-process launch"):
+        configure_engine(SimpleNamespace(deepspeed="configs/deepspeed/zero3.json", fsdp_plugin_args=None))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = SimpleNamespace(deepspeed=None, fsdp_plugin_args={"fsdp_version": 2}, world_size=1)
+    with caplog.at_level(logging.WARNING):
+        configure_engine(args)
+    assert "FSDP with one process on CPU" in caplog.text and args.fsdp_plugin_args is None
+
+
 class Partitioned(torch.nn.Module):
     """What a ZeRO-3 model looks like on each process: every parameter has shape [0], its size in ds_*."""
 

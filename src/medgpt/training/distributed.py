@@ -79,6 +79,15 @@ def configure_engine(args) -> None:
     turn an FSDP request into DDP (one warning) or FSDP2 (`MEDGPT_CPU_FSDP=1`), a DeepSpeed request into DeepSpeed
     over gloo. `args` (the stage's TrainingArguments) is changed in place: stages hold references to it."""
     launched, requested = launched_processes(), requested_engine(args)
+    if launched == 1 and requested == "deepspeed" and not torch.cuda.is_available():
+        raise ConfigError("DeepSpeed on CPU needs a multi-process launch (its gloo group is set up by the launcher): "
+                          "`accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes "
+                          "2 -m medgpt.cli …`, or remove `deepspeed` to train in one process")
+    if launched == 1 and requested == "fsdp" and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        args.fsdp_plugin_args = None
+        logger.warning("FSDP with one process on CPU: nothing to shard, this runs as a single process "
+                       "(train_results.json says single); launch 2 or more processes to shard")
     if launched > 1 and not torch.cuda.is_available():
         if requested == "fsdp":
             if _flag(CPU_FSDP_ENV):
