@@ -133,7 +133,7 @@ def _fsdp_on_cpu(args) -> None:
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() re-reads it
     if args.process_index == 0:
-        logger.warning("FSDP2 on CPU (%s=1): %d processes over gloo, parameters sharded; slower than DDP here, "
+        logger.warning("FSDP2 on CPU (%s=1): %d processes over gloo, parameters sharded; "
                        "meant to check a sharded run before GPUs", CPU_FSDP_ENV, launched_processes())
 
 
@@ -153,7 +153,7 @@ def _deepspeed_on_cpu(args) -> None:
     args.accelerator_config.use_configured_state = True
     args.__dict__.pop("_setup_devices", None)  # a cached_property: the device and world size are read again
     if args.process_index == 0:
-        logger.warning("DeepSpeed on CPU: its CPU accelerator over gloo, %d processes (slow; meant to check a ZeRO "
+        logger.warning("DeepSpeed on CPU: its CPU accelerator over gloo, %d processes (meant to check a ZeRO "
                        "run before GPUs)", launched_processes())
 
 
