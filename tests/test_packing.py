@@ -78,12 +78,75 @@ def test_per_document_attention_equals_the_block_diagonal_mask_in_training(tiny_
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_per_document_attention_honours_a_sliding_window_inside_each_document(monkeypatch):
+    """A tiny Mistral with window 4 and a packed document of 11 tokens: each document's logits equal the stock
+    model's on that document alone, and equal transformers' own packed mask; a window that really cuts."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    register_packed_attention()
+    config = MistralConfig(vocab_size=1200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                           max_position_embeddings=64)
+    torch.manual_seed(0)
+    stock = MistralForCausalLM(config).eval()
+    packed_model = MistralForCausalLM(config).eval()
+    packed_model.load_state_dict(stock.state_dict())
+    packed_model.config._attn_implementation = PACKED_SDPA
+    first, second = doc(11, 500), doc(3, 900)
+    row = PaddingFreeCollator()([{"input_ids": first, "labels": first, "position_ids": list(range(11))},
+                                 {"input_ids": second, "labels": second, "position_ids": list(range(3))}])
+    inputs = {"input_ids": row["input_ids"], "position_ids": row["position_ids"], "use_cache": False}
+    import transformers.integrations.sdpa_attention as stock_sdpa
+
+    fallbacks = []
+    real = stock_sdpa.sdpa_attention_forward
+    monkeypatch.setattr(stock_sdpa, "sdpa_attention_forward", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ours = packed_model(**inputs).logits[0]
+        assert not fallbacks  # the per-document path ran, window and all, not the whole-row mask
+        theirs = stock(**inputs).logits[0]
+        alone = [stock(input_ids=torch.tensor([d])).logits[0] for d in (first, second)]
+        unwindowed = MistralForCausalLM(MistralConfig(**{**config.to_dict(), "sliding_window": None})).eval()
+        unwindowed.load_state_dict(stock.state_dict())
+        full = unwindowed(input_ids=torch.tensor([first])).logits[0]
+    torch.testing.assert_close(ours[:11], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[11:], alone[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert float((full[4:] - alone[0][4:]).abs().max()) > 1e-3  # beyond the window it would differ
+
+
+def test_document_boundaries_are_read_once_per_forward_not_once_per_layer(tiny_model_dir, monkeypatch):
+    import medgpt.models.attention as attention
+
+    register_packed_attention()
+    reads = []
+    real = attention._row_starts
+    monkeypatch.setattr(attention, "_row_starts", lambda row: reads.append(1) or real(row))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=PACKED_SDPA)
+    assert model.config.num_hidden_layers > 1
+    batch = PaddingFreeCollator()([{"input_ids": doc(5), "labels": doc(5), "position_ids": list(range(5))},
+                                   {"input_ids": doc(4, 60), "labels": doc(4, 60), "position_ids": list(range(4))}])
+    model(**batch, use_cache=False).loss.backward()
+    assert len(reads) == 1
+
+
+def test_flash_varlen_arguments_come_from_the_packed_row_once():
+    from medgpt.models.attention import flash_packed_kwargs
+
+    kwargs = flash_packed_kwargs(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and kwargs["cu_seq_lens_q"].dtype == torch.int32
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 4
+    assert flash_packed_kwargs(torch.tensor([[0, 1, 2]])) == {}  # one document: nothing to split
+
+
 def test_per_document_attention_leaves_padded_batches_and_generation_alone(tiny_model_dir):
     register_packed_attention()
     assert document_starts(torch.tensor([[0, 1, 2, 0, 1]])) == [0, 3]
     assert document_starts(torch.tensor([[0, 1, 2, 3]])) is None  # one document: plain SDPA
     assert document_starts(torch.tensor([[1, 1, 0, 1]])) is None  # left-padded generation prompt
     assert document_starts(torch.tensor([[0, 1, 0], [0, 1, 2]])) is None  # a padded batch
+    with torch.inference_mode():  # generation: tensors without a version counter
+        assert document_starts(torch.tensor([[0, 1, 0, 1]])) == [0, 2]
     padded = PaddedCollator(pad_token_id=0)([{"input_ids": doc(6), "labels": doc(6), "position_ids": list(range(6))},
                                              {"input_ids": doc(3, 50), "labels": doc(3, 50), "position_ids": [0, 1, 2]}])
     prompt = torch.tensor([doc(5, 40)])

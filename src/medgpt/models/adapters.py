@@ -86,10 +86,11 @@ def _decoder_layers(model) -> tuple[str, int]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count by their logical size."""
+    """(trainable, total) parameter counts; 4-bit weights count by their logical size, DeepSpeed ZeRO-3
+    partitions (shape [0] on every process) by the full size they stand for (`ds_numel`)."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()
         if param.__class__.__name__ == "Params4bit":
             n *= 2  # two 4-bit values per stored byte
         total += n

@@ -127,11 +127,11 @@ def load_model(args: ModelArguments, tokenizer=None, head: str = "causal_lm", co
         attn_implementation=args.attn_implementation,
     )
     quant = quantization_config(args, dtype)
+    device_map = placement(args.device_map, quantised=quant is not None)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = args.device_map or {"": _local_device()}
-    elif args.device_map:
-        kwargs["device_map"] = args.device_map
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     path = resolve_model_path(args.model_name_or_path)
     if head == "sequence_classification":
         config.num_labels = 1
@@ -149,6 +149,27 @@ def load_model(args: ModelArguments, tokenizer=None, head: str = "causal_lm", co
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def placement(device_map: str | None, quantised: bool = False):
+    """The `device_map` to load with. Under torchrun / accelerate (WORLD_SIZE > 1) each process holds its own copy
+    on its own device, as MedicalGPT does: `auto` or a device would put every process's model on the same GPUs, so
+    it becomes this process's device (said in a log line); under FSDP or DeepSpeed ZeRO-3 the engine places the
+    weights and there is none. A quantised model is always placed at load (bitsandbytes quantises on the device)."""
+    import os
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sharded = is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        local = None if sharded and not quantised else {"": _local_device()}
+        if device_map is not None and device_map != local:
+            logger.info("device_map %r replaced by %s: under a distributed launch each process places its own copy%s",
+                        device_map, local, " (the sharding engine places the weights)" if local is None else "")
+        return local
+    if quantised:
+        return device_map or {"": _local_device()}
+    return device_map
 
 
 def _local_device():

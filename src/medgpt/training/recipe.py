@@ -29,7 +29,10 @@ from medgpt.metrics_files import METRICS_FILE, RESULTS_FILE, MetricsWriter, read
 from medgpt.report import plot_losses, plot_series
 from medgpt.serve.engine import save_template_name
 from medgpt.training.checkpoints import MarkCompleteCheckpoints, resolve_resume, resume_training
+from medgpt.training.distributed import announce_engine, configure_engine, live_engine
+from medgpt.training.precision import keep_fp32_master_weights
 from medgpt.training.trainer import CausalLMTrainer, use_chunked_loss
+from medgpt.training.weights import check_deepspeed_config, check_weights_saved, is_sharded, save_full_weights
 
 logger = logging.getLogger(__name__)
 CARD_METRICS = ("loss", "perplexity", "accuracy", "margin", "reward")  # what the model card's table shows
@@ -65,9 +68,11 @@ def resize_for_tokenizer(model, tokenizer) -> bool:
     """Grow the embeddings (mean-initialised rows) when the tokenizer outgrew them; never otherwise.
 
     Models often carry spare rows (Qwen: 151,936 rows for 151,665 tokens); resizing those would be a needless
-    change of shape, and resizing at all is what broke MedicalGPT's merge when nothing was added.
+    change of shape, and resizing at all is what broke MedicalGPT's merge when nothing was added. Under
+    DeepSpeed ZeRO-3 the weight is a partition of shape [0]; its real shape is `ds_shape`.
     """
-    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+    weight = model.get_input_embeddings().weight
+    if len(tokenizer) <= getattr(weight, "ds_shape", weight.shape)[0]:
         return False
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return True
@@ -88,9 +93,15 @@ def prepare_model(config: RunConfig, tokenizer, context_length: int | None, loss
         model = attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
     else:
         freeze_layers(model, config.adapter.freeze_trainable_layers)
-    trainable, total = count_parameters(model)
-    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log_trainable(model)
     return model
+
+
+def log_trainable(model) -> tuple[int, int]:
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
+                100 * trainable / max(total, 1))
+    return trainable, total
 
 
 def method_name(config: RunConfig) -> str:
@@ -103,8 +114,11 @@ def method_name(config: RunConfig) -> str:
 
 
 def begin_run(config: RunConfig) -> str | None:
-    """Before any heavy work: find the checkpoint to resume from and check the output directory may be used."""
+    """Before any heavy work: set up the distributed engine the launcher asked for (`training/distributed.py`),
+    find the checkpoint to resume from and check the output directory may be used."""
     args = config.training
+    configure_engine(args)
+    check_deepspeed_config(args)
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if args.process_index == 0:  # other ranks would see rank 0's files and refuse the directory
         prepare_output_dir(args.output_dir, config.run.overwrite_output_dir, resuming=resume is not None)
@@ -120,7 +134,7 @@ def train_causal_lm(job: TrainingJob, model, resume: str | None) -> dict[str, An
     args.prediction_loss_only = True
     collator = PaddingFreeCollator() if job.packing else PaddedCollator(job.tokenizer.pad_token_id)
     if job.packing:
-        use_packed_attention(model)
+        use_packed_attention(model, job.config)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=job.train, eval_dataset=job.eval, data_collator=collator,
         processing_class=job.tokenizer, callbacks=standard_callbacks(args.output_dir), neftune_alpha=neftune,
@@ -132,14 +146,30 @@ def perplexity(evaluation: dict[str, float]) -> dict[str, float]:
     return {"eval_perplexity": math.exp(min(evaluation["eval_loss"], 50))}
 
 
-def use_packed_attention(model) -> None:
-    """Packed rows under SDPA: attend per document instead of through one block-diagonal mask (same result)."""
+def use_packed_attention(model, config: RunConfig | None = None) -> str | None:
+    """Packed rows under SDPA: attend per document instead of through one block-diagonal mask (same result). On
+    CUDA with flash-attn installed and 16-bit compute, flash-attention's varlen kernel instead, unless the config
+    chose `attn_implementation` itself. Returns the attention now used, or None when unchanged."""
+    import importlib.util
+
+    import torch
+
     from medgpt.models.attention import register_packed_attention, set_attention
 
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    if config._attn_implementation == "sdpa":
-        set_attention(model, register_packed_attention())
-        logger.info("attention: SDPA per packed document (sdpa_packed)")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != "sdpa":
+        return None
+    args = config.training if config is not None else None
+    half = args is not None and (args.bf16 or args.fp16) or next(base.parameters()).dtype in (torch.bfloat16,
+                                                                                             torch.float16)
+    if (config is not None and "attn_implementation" not in config.given and half and torch.cuda.is_available()
+            and torch.device(args.device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None):
+        set_attention(model, "flash_attention_2")
+        logger.info("attention: flash-attention 2 varlen kernel on packed rows (flash-attn is installed)")
+        return "flash_attention_2"
+    set_attention(model, register_packed_attention())
+    logger.info("attention: SDPA per packed document (sdpa_packed)")
+    return "sdpa_packed"
 
 
 def standard_callbacks(output_dir: str | Path) -> list:
@@ -166,6 +196,8 @@ def train_and_save(trainer, job: TrainingJob, resume: str | None, plots: tuple =
     `evaluated(evaluation)` adds numbers derived from the evaluation (perplexity), `final_stats(trainer)` numbers
     known only after training; `job.stats` (data counts) go in as they are.
     """
+    announce_engine(trainer)
+    keep_fp32_master_weights(trainer, job.config)
     metrics = resume_training(trainer, resume)
     if job.eval is not None and len(job.eval) > 0:
         evaluation = trainer.evaluate()
@@ -180,24 +212,32 @@ def train_and_save(trainer, job: TrainingJob, resume: str | None, plots: tuple =
 
 
 def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple = ()) -> None:
-    """Stage the final model in a temporary directory, move it in, write train_results.json last."""
+    """Stage the final model in a temporary directory, check its weights, move it in, write train_results.json
+    last. Every process calls this: gathering sharded weights and answering sample prompts with a sharded model
+    need all of them; rank 0 alone writes."""
     output = Path(job.config.training.output_dir)
     staging = output / ".final-tmp"
+    main = trainer.is_world_process_zero()
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen reference copy of an adapter is not part of the result
-    if trainer.is_world_process_zero():
+    if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank calls it: DeepSpeed/FSDP gather weights here
-    if trainer.is_world_process_zero():
+    save_full_weights(trainer, staging)
+    samples = None
+    if job.sample_prompts and job.chat_format is not None and (main or is_sharded(trainer)):
+        samples = answer_samples(trainer.model, job)  # every process when each holds only part of the weights
+    metrics.update(live_engine(trainer.accelerator))
+    if main:
+        check_weights_saved(staging)  # before anything marks the run complete
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_config.yaml says it all
         job.tokenizer.save_pretrained(staging)
         if job.chat_format is not None:
             job.chat_format.save(staging)
             save_template_name(staging, job.config.run.template)
         config = job.config
-        if job.sample_prompts and job.chat_format is not None:
-            write_samples(trainer.model, job, staging / "samples.jsonl")
+        if samples is not None:
+            write_samples(samples, staging / "samples.jsonl")
         write_model_card(staging, title=output.resolve().name, base_model=config.model.model_name_or_path, stages=[config.stage],
                          data=job.data_sources, method=method_name(config), template=config.run.template or "",
                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))
@@ -229,17 +269,22 @@ def peak_memory(device) -> dict[str, float]:
     return peak
 
 
-def write_samples(model, job: TrainingJob, path: Path) -> None:
-    """Answer a few held-out prompts with the freshly trained model (greedy), for a first look."""
+def answer_samples(model, job: TrainingJob) -> list[dict]:
+    """Answer a few held-out prompts with the freshly trained model (greedy), for a first look. Greedy decoding of
+    the same prompts takes the same steps on every process, so sharded models run their collectives in step."""
     from medgpt.serve.engine import GenerationEngine, SamplingParams
 
     engine = GenerationEngine(model, job.tokenizer, job.chat_format)
     completions = engine.generate(job.sample_prompts, SamplingParams(max_new_tokens=128, temperature=0))
-    with path.open("w", encoding="utf-8") as handle:
-        for messages, completion in zip(job.sample_prompts, completions):
-            handle.write(json.dumps({"prompt": messages[-1].content, "answer": completion.text,
-                                     "finish_reason": completion.finish_reason}, ensure_ascii=False) + "\n")
     model.train()
+    return [{"prompt": messages[-1].content, "answer": completion.text, "finish_reason": completion.finish_reason}
+            for messages, completion in zip(job.sample_prompts, completions)]
+
+
+def write_samples(samples: list[dict], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
 
 def datasets_sources(config: RunConfig) -> list[str]:
