@@ -105,17 +105,19 @@ def test_reply_logprobs_and_values_do_not_depend_on_padding(tiny_model_dir, toke
     batch, tokens, mask = rollout_batch(prompts, replies, tokenizer.pad_token_id, "cpu")
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     with torch.no_grad():
-        logprobs = core.token_logprobs(network.policy_logits(batch, 5, 1.0), tokens)
+        logprobs, _ = network.policy_token_stats(batch, tokens, mask, 1.0)
         values = network.values(batch, 5)
         for row, (prompt, reply) in enumerate(zip(prompts, replies)):
-            alone, alone_tokens, _ = rollout_batch([prompt], [reply], tokenizer.pad_token_id, "cpu")
-            expected = core.token_logprobs(network.policy_logits(alone, len(reply), 1.0), alone_tokens)[0]
+            alone, alone_tokens, alone_mask = rollout_batch([prompt], [reply], tokenizer.pad_token_id, "cpu")
+            expected = network.policy_token_stats(alone, alone_tokens, alone_mask, 1.0)[0][0]
             assert torch.allclose(logprobs[row, :len(reply)], expected, atol=1e-5)
             assert torch.allclose(values[row, :len(reply)], network.values(alone, len(reply))[0], atol=1e-5)
-            # and the same as the plain causal LM on the unpadded sequence
+            # and the same as the plain causal LM on the unpadded sequence (values() left the critic adapter on)
+            network.use("default")
             full = torch.tensor([prompt + reply])
             plain = network.policy(input_ids=full).logits[0, len(prompt) - 1:-1].log_softmax(-1)
             assert torch.allclose(expected, plain.gather(-1, torch.tensor(reply)[:, None])[:, 0], atol=1e-5)
+        assert logprobs[1, 2:].abs().sum() == 0  # padding has no log-prob
 
 
 def test_reference_is_the_policy_as_the_stage_starts_and_stays_frozen(tiny_model_dir, tokenizer, tmp_path):
@@ -123,22 +125,30 @@ def test_reference_is_the_policy_as_the_stage_starts_and_stays_frozen(tiny_model
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(6)[None]}
     # a new adapter on a plain (or merged SFT) model: the reference is the model with adapters off
     network = build_network(tiny_model_dir, tokenizer)
-    start = network.policy_logits(batch, 3, 1.0).detach()
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), start)
+    tokens, mask = ids[:, -3:], torch.ones(1, 3)
+
+    def actor():
+        return network.policy_token_stats(batch, tokens, mask, 1.0)[0].detach()
+
+    def reference():
+        return network.reference_logprobs(batch, tokens, mask, 1.0)
+
+    start = actor()
+    assert torch.allclose(reference(), start)
     perturb_actor(network)
-    assert not torch.allclose(network.policy_logits(batch, 3, 1.0), start, atol=1e-4)
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), start)
+    assert not torch.allclose(actor(), start, atol=1e-4)
+    assert torch.allclose(reference(), start)
 
     # an unmerged SFT adapter: the reference is a frozen copy of it, not the pre-SFT base
     sft = build_network(tiny_model_dir, tokenizer)
     perturb_actor(sft)
     sft.policy.save_pretrained(str(tmp_path / "sft"), selected_adapters=["default"])
-    sft_logits = sft.policy_logits(batch, 3, 1.0).detach()
+    sft_logprobs = sft.policy_token_stats(batch, tokens, mask, 1.0)[0].detach()
     network = build_network(tiny_model_dir, tokenizer, reference_adapter=str(tmp_path / "sft"))
-    assert torch.allclose(network.policy_logits(batch, 3, 1.0), sft_logits, atol=1e-6)
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), sft_logits, atol=1e-6)
+    assert torch.allclose(actor(), sft_logprobs, atol=1e-6)
+    assert torch.allclose(reference(), sft_logprobs, atol=1e-6)
     perturb_actor(network)
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), sft_logits, atol=1e-6)
+    assert torch.allclose(reference(), sft_logprobs, atol=1e-6)
     assert all(".ref." not in name for name, _ in network.named_trainable)
 
 
