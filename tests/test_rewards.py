@@ -29,7 +29,7 @@ def score(function, completions, references, kinds=None, **kwargs):
 
 def test_key_terms_drop_function_words_and_plurals_and_split_chinese_by_character():
     assert rewards.key_terms("The kidneys filter the Blood.") == ["kidney", "filter", "blood"]
-    assert rewards.key_terms("Do not take aspirin") == ["not", "take", "aspirin"]  # negations carry meaning
+    assert rewards.key_terms("Do not take aspirin") == ["¬take", "¬aspirin"]  # negations carry meaning
     assert rewards.key_terms("60 to 100 beats per minute") == ["60", "100", "beat", "minute"]
     assert rewards.key_terms("胰岛素是降血糖的") == ["胰", "岛", "素", "降", "血", "糖"]
     assert rewards.key_terms("diabetes, glass") == ["diabete", "glass"]  # one stem for both sides
@@ -42,6 +42,16 @@ def test_answer_f1_scores_free_text_against_the_reference():
     assert got[0] == 1.0
     assert got[1] == pytest.approx(2 * (1 / 5) * 1 / (1 / 5 + 1))  # 1 of 5 answer terms, the 1 reference term
     assert got[2] == 0.0 and got[3] == 0.0
+
+
+def test_negation_changes_the_terms_to_the_end_of_the_clause():
+    f1 = lambda answer, reference: score(rewards.answer_f1, chat(answer), [reference])[0]  # noqa: E731
+    assert f1("not the liver", "the liver") == 0.0  # was 0.67: "not" was just one more term
+    assert f1("Not the liver.", "not the liver") == 1.0
+    assert f1("It isn't the liver, it is the spleen", "the spleen") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert f1("不是肝脏", "肝脏") == 0.0 and f1("是肝脏", "肝脏") == 1.0
+    assert f1("非常严重", "严重") == 1.0  # 非常 is "very", not a negation
+    assert rewards.key_terms("No.") == ["not"] and rewards.key_terms("no fever, but a cough") == ["¬fever", "cough"]
 
 
 def test_answer_recall_rewards_mentioning_every_key_term_in_english_and_chinese():

@@ -208,5 +208,7 @@ class ModelReward:
         limit = self.scorer.max_length
         return ids[-limit:] if limit else ids
 
-    def __call__(self, prompts, prompt_ids, reply_ids, replies) -> list[float]:
-        return self.scorer.score_ids([self.sequence(*row) for row in zip(prompts, prompt_ids, reply_ids, replies)])
+    def __call__(self, replies) -> list[float]:
+        """One score per reply of a `medgpt.rl.scoring.Replies`."""
+        rows = zip(replies.prompts, replies.prompt_ids, replies.ids, replies.texts)
+        return self.scorer.score_ids([self.sequence(*row) for row in rows])

@@ -10,6 +10,9 @@
 | `length_penalty` | 0 up to `length_penalty_start` tokens, then down linearly to -1 at the length limit | -1 … 0 |
 | `reward_model`   | the trained reward model's score of prompt + completion (`RewardModelReward`)       | any    |
 
+Negation: a term after "not", "no", "never", "without", 不, 没, 无 … (to the end of its clause) counts as a different
+term, so "not the liver" scores 0 against "the liver" instead of 0.67.
+
 Why key terms: MedicalGPT's sample GRPO data has free-text medical answers ("The liver", "60 to 100 beats per
 minute") while its accuracy reward parses LaTeX math, so almost every completion scores 0 and GRPO has nothing to
 learn from. Here both texts are cut into key terms — lower-cased latin words and numbers without common function
@@ -36,13 +39,16 @@ from typing import Callable
 from medgpt.data.records import Message
 
 DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
-# Function words that carry no medical content. Negations ("no", "not") are kept: they flip a medical answer.
+# Function words that carry no medical content. Negations ("no", "not") are not among them: they flip a medical
+# answer, so they mark the terms that follow (see key_terms).
 STOPWORDS = frozenset("""a an the of and or is are was were be been being to in on at for with by from as it its
 this that these those which what who whom whose when where how why than then there their they them he she his her
 you your we our i me my do does did can could may might should would will shall also very per about into over
 under such any each other more most some usually often typically""".split())
 CHINESE_FUNCTION_CHARACTERS = frozenset("的了是和在与及或也就都而其之吗呢吧啊")
-TERM = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff]")
+PIECE = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff]|[,.;:!?，。；：！？、\n]")  # terms and clause marks
+NEGATIONS = frozenset("not no never without neither nor".split()) | frozenset("不没无未勿非")
+CLAUSE_BREAKS = frozenset(",.;:!?，。；：！？、\n") | frozenset("but however although though yet 但 而 却".split())
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 CHOICE_PATTERNS = (
     re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)|[:：])?\s*[(\[]?([A-J])\b"),
@@ -70,14 +76,30 @@ def answer_part(text: str) -> str:
 
 
 def key_terms(text: str) -> list[str]:
-    """Lower-cased content words and numbers (a final plural s dropped) and single Chinese characters."""
-    terms = []
-    for term in TERM.findall(unicodedata.normalize("NFKC", text).lower()):
-        if term in STOPWORDS or term in CHINESE_FUNCTION_CHARACTERS:
+    """Lower-cased content words and numbers (a final plural s dropped) and single Chinese characters; a term in
+    the scope of a negation (from "not", "no", "never", "without", 不, 没, 无 … to the end of its clause) is
+    marked "¬term", so "not the liver" shares no term with "the liver"."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"n't\b", " not", text).replace("cannot", "can not").replace("非常", "")  # 非常 = "very"
+    terms: list[str] = []
+    negated = cue_only = False
+    for piece in PIECE.findall(text):
+        if piece in CLAUSE_BREAKS:
+            if cue_only:  # a bare negation ("No." / "not") still says something
+                terms.append("not")
+            negated = cue_only = False
             continue
-        if len(term) > 3 and term.endswith("s") and not term.endswith("ss"):
-            term = term[:-1]
-        terms.append(term)
+        if piece in NEGATIONS:
+            negated = cue_only = True
+            continue
+        if piece in STOPWORDS or piece in CHINESE_FUNCTION_CHARACTERS:
+            continue
+        if len(piece) > 3 and piece.endswith("s") and not piece.endswith("ss"):
+            piece = piece[:-1]
+        terms.append("¬" + piece if negated else piece)
+        cue_only = False
+    if cue_only:
+        terms.append("not")
     return terms
 
 

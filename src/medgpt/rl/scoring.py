@@ -35,11 +35,6 @@ def rule_reward(fn: Callable) -> Callable[[Replies], list]:
     return call
 
 
-def model_reward(reward) -> Callable[[Replies], list]:
-    """A `medgpt.rl.reward_adapter.ModelReward` as a reward of Replies."""
-    return lambda replies: reward(replies.prompts, replies.prompt_ids, replies.ids, replies.texts)
-
-
 @dataclass
 class RewardFunction:
     """A named, weighted reward: Replies -> one float (or None: does not apply) per reply."""

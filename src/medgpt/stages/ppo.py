@@ -32,7 +32,7 @@ from medgpt.rl.ppo_config import TRAINING_OPTIONS, PPOArguments
 from medgpt.rl.prompts import load_prompts
 from medgpt.rl.reward_adapter import AdapterRewardScorer, ModelReward, RewardAdapter
 from medgpt.rl.rollouts import EngineRollouts
-from medgpt.rl.scoring import RewardFunction, model_reward, rule_reward
+from medgpt.rl.scoring import RewardFunction, rule_reward
 from medgpt.serve.engine import GenerationEngine, saved_template_name
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
@@ -245,7 +245,7 @@ def setup(config: RunConfig):
     (network.value_head if quantised and network.value_head is not None else network).to(args.device)
     scorer = reward_scorer(config, network, shared) if "reward_model" in names else None
     weights = [float(w) for w in ppo.reward_weights] if ppo.reward_weights is not None else [1.0] * len(names)
-    reward_funcs = [RewardFunction("reward_model", w, model_reward(ModelReward(scorer, chat))) if n == "reward_model"
+    reward_funcs = [RewardFunction("reward_model", w, ModelReward(scorer, chat)) if n == "reward_model"
                     else RewardFunction(n.rpartition(":")[2], w, rule_reward(functions[n]))  # metrics: reward_<fn>
                     for n, w in zip(names, weights)]
     trainable, total = count_parameters(network)
