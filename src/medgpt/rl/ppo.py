@@ -39,6 +39,12 @@ from medgpt.serve.engine import SamplingParams
 logger = logging.getLogger(__name__)
 
 ROLLOUTS_FILE = "rollouts.jsonl"
+FLAT_GROUPS_EXPLAINED = (
+    "%d of %d prompt groups got the same reward for all %d replies: their advantages are 0, so they add no policy "
+    "gradient (when every group is like that and kl_coef is 0, the loss is exactly 0: not a bug, nothing to learn "
+    "from). Use a graded reward (answer_f1 rather than an exact match), raise temperature or "
+    "num_samples_per_prompt, or use prompts the model sometimes gets right. Logged as zero_advantage_groups."
+)
 
 
 class PPOTrainer:
@@ -82,6 +88,7 @@ class PPOTrainer:
                                        top_p=ppo.top_p, top_k=ppo.top_k)
         self.use_reference = ppo.kl_coef > 0 and network.has_reference
         self.heldout = None
+        self.warned_flat_groups = False
         if eval_prompts and args.eval_steps:
             self.heldout = HeldOutEvaluation(self, eval_prompts)
         broadcast_parameters(network.trainable)  # every process starts from rank 0's initialisation
@@ -170,6 +177,9 @@ class PPOTrainer:
         if estimator in estimators.GROUP_ESTIMATORS:
             flat = (advantages.abs().sum(-1).view(-1, n) == 0).all(-1)
             stats["zero_advantage_groups"] = flat.double().mean().item()
+            if flat.any() and not self.warned_flat_groups and self.is_world_process_zero():
+                logger.warning(FLAT_GROUPS_EXPLAINED, int(flat.sum()), len(flat), n)
+                self.warned_flat_groups = True
         samples = [{"prompt": p.messages[-1].content, "response": r, "score": s}
                    for p, r, s in zip(prompts, replies.texts, scores.tolist())][: self.ppo.logged_samples]
         kept_ref = ref_logprobs if estimator == "grpo" else None  # GRPO's KL is a loss term: needs them again

@@ -1,10 +1,11 @@
-"""PPO's own options (the trainer options — learning rate, steps, saving, seed — are transformers'
-TrainingArguments, of which `TRAINING_OPTIONS` lists the ones PPO reads)."""
+"""The RL loop's own options (the trainer options — learning rate, steps, saving, seed — are transformers'
+TrainingArguments, of which `TRAINING_OPTIONS` lists the ones the loop reads). `PPOArguments` are the ppo
+stage's; `GRPOArguments` and `RLOOArguments` are the same options with the grpo and rloo stages' defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medgpt.arguments import documented
 from medgpt.rl.rewards import DEFAULT_FORMAT_PATTERN
@@ -21,6 +22,8 @@ TRAINING_OPTIONS = (
 @dataclass
 class PPOArguments:
     """Options of PPO (RLHF against a reward model)."""
+
+    DEFAULT_REWARDS: ClassVar[tuple[str, ...]] = ()  # reward_funcs without a reward model and without a list
 
     reward_model_name_or_path: str | None = documented(
         """The reward model PPO maximises: a `medgpt rm` output (LoRA reward adapter or full / merged model).
@@ -83,7 +86,8 @@ class PPOArguments:
     )
     top_k: int = documented("Top-k sampling for rollouts (0 = off).", default=0)
     generation_batch_size: int | None = documented(
-        "Prompts per HF `generate` call (memory bound of generation). Default: rollout_batch_size.", default=None
+        """Replies per HF `generate` call (the memory bound of generation). Default: all of a step's replies
+        (rollout_batch_size x num_samples_per_prompt).""", default=None
     )
     ppo_epochs: int = documented(
         """Passes of minibatch updates over each step's rollouts. More reuse each (expensive) rollout more, at
@@ -198,3 +202,51 @@ class PPOArguments:
         "Rollouts per step written to rollouts.jsonl (prompt, reply, score) for a look at what is learnt.",
         default=2,
     )
+
+
+@dataclass
+class GRPOArguments(PPOArguments):
+    """Options of GRPO (group-relative policy optimisation: our RL loop with the grpo estimator)."""
+
+    DEFAULT_REWARDS: ClassVar[tuple[str, ...]] = ("answer_f1",)
+
+    reward_funcs: list[str] | None = documented(
+        """The rewards, summed with reward_weights: answer_f1 (key-term F1 against the reference answer;
+        option-letter match for multiple choice), answer_recall, choice_match, format_reward, length_penalty,
+        reward_model (the model at reward_model_name_or_path), or your own `package.module:function` /
+        `path/file.py:function` with TRL's signature f(prompts, completions, completion_ids, **columns) ->
+        list[float | None] (this imports and RUNS ITS CODE). Default: reward_model when
+        reward_model_name_or_path is set, else answer_f1.""",
+        default=None,
+    )
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = documented(
+        """grpo (default here): each reply's advantage is (reward - group mean) / (group std + 1e-4), the KL to
+        the reference a loss term (k3, weight kl_coef). See the ppo stage for the others.""",
+        default="grpo",
+    )
+    num_samples_per_prompt: int = documented(
+        """Replies per prompt (the group; TRL's num_generations). Groups need reward variance to learn: 4-16.""",
+        default=4,
+    )
+    kl_coef: float = documented(
+        """Weight of the KL term to the reference (TRL's beta). 0 (default) needs no reference pass at all;
+        DeepSeek-R1 used 0.001.""",
+        default=0.0,
+    )
+    ppo_epochs: int = documented(
+        """Passes over each step's replies (TRL's num_iterations). 1 (default): on-policy, the ratio stays 1 and
+        clipping (cliprange, TRL's epsilon) only matters from the second pass.""",
+        default=1,
+    )
+
+
+@dataclass
+class RLOOArguments(GRPOArguments):
+    """Options of RLOO (REINFORCE with a leave-one-out baseline: our RL loop with the rloo estimator)."""
+
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = documented(
+        """rloo (default here): each reply's advantage is its reward minus the mean of the prompt's other
+        replies; the KL to the reference (kl_coef, summed over the reply) is part of the reward.""",
+        default="rloo",
+    )
+    kl_coef: float = documented("Weight of the KL penalty folded into the reward (TRL's beta).", default=0.05)

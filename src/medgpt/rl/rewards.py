@@ -1,4 +1,4 @@
-"""Reward functions for GRPO and RLOO, each with TRL's signature `f(prompts, completions, completion_ids,
+"""Rule rewards of the RL stages (ppo, grpo, rloo), each with TRL's signature `f(prompts, completions, completion_ids,
 **columns) -> list[float | None]`, combined by TRL as the weighted sum `reward_weights` · rewards.
 
 | name             | what it scores                                                                      | range  |
@@ -8,7 +8,7 @@
 | `choice_match`   | the option letter the answer picks equals the reference letter (MCQ rows only)      | 0 or 1 |
 | `format_reward`  | the whole completion matches `format_pattern` (default <think>…</think><answer>…)   | 0 or 1 |
 | `length_penalty` | 0 up to `length_penalty_start` tokens, then down linearly to -1 at the length limit | -1 … 0 |
-| `reward_model`   | the trained reward model's score of prompt + completion (`RewardModelReward`)       | any    |
+| `reward_model`   | the trained reward model's score of prompt + reply (`medgpt.rl.reward_adapter`)     | any    |
 
 Negation: a term after "not", "no", "never", "without", 不, 没, 无 … (to the end of its clause) counts as a different
 term, so "not the liver" scores 0 against "the liver" instead of 0.67.
@@ -21,8 +21,8 @@ F1 also punishes padding the answer with unrelated words; recall only asks that 
 mentioned (pair it with `length_penalty`). When a completion has an `<answer>…</answer>` block (or a closing
 `</think>`), only the answer part is scored.
 
-A reward returns None for a row it does not apply to (no reference, or a free-text row for `choice_match`): TRL
-leaves it out of that function's mean and a row for which every function says None gets no advantage.
+A reward returns None for a row it does not apply to (no reference, or a free-text row for `choice_match`): the RL
+loop leaves it out of that function's mean, and a row for which every function says None does not train.
 Rows carry the dataset's columns (`reference`, `reference_kind`, `conversation`, see `medgpt.rl.trl_prompts`).
 """
 
@@ -36,7 +36,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from medgpt.data.records import Message
 
 DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 # Function words that carry no medical content. Negations ("no", "not") are not among them: they flip a medical
@@ -174,26 +173,6 @@ def length_penalty(completion_ids, start: int, limit: int, **kwargs) -> list[flo
     """0 for completions of at most `start` tokens, then falling linearly to -1 at `limit` tokens."""
     span = max(limit - start, 1)
     return [-min(1.0, max(0, len(ids) - start) / span) for ids in completion_ids]
-
-
-class RewardModelReward:
-    """The trained reward model as a reward function: it scores each prompt (the row's exact conversation,
-    tools included) followed by the completion as the assistant reply, rendered by the reward model's template."""
-
-    __name__ = "reward_model"  # TRL names the reward's metrics after it: rewards/reward_model/mean
-
-    def __init__(self, scorer):
-        self.scorer = scorer  # medgpt.models.reward.RewardModelScorer
-
-    def __call__(self, completions, conversation, **kwargs) -> list[float]:
-        from medgpt.rl.trl_prompts import decode_conversation
-
-        dialogues, tools = [], []
-        for encoded, completion in zip(conversation, completions, strict=True):
-            messages, row_tools = decode_conversation(encoded)
-            dialogues.append([*messages, Message("assistant", completion_text(completion))])
-            tools.append(row_tools)
-        return self.scorer.score(dialogues, tools)
 
 
 # ------------------------------------------------------------------------------------------------ choosing
