@@ -394,6 +394,58 @@ def test_torchrun_two_cpu_processes_train_one_ppo_policy(ppo_options, tmp_path):
     assert len(list(out.glob("adapter_model.safetensors"))) == 1
 
 
+def _launch(processes: int, options: dict, tmp_path: Path, extra_env: dict | None = None) -> Path:
+    env = {**os.environ, "MEDGPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT / "tests"),
+                                                       os.environ.get("PYTHONPATH")])), **(extra_env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = str(ROOT / "tests" / "rl_sharded_run.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable]
+    done = subprocess.run([*launcher, script, json.dumps(options)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return Path(options["output_dir"])
+
+
+def test_fsdp2_and_data_parallel_full_training_match_one_process_with_the_same_global_batch(ppo_options, tmp_path):
+    """4 prompts per step: one process with rollout_batch_size 4, or two with 2 each, sharded by FSDP2 (actor and
+    critic backbone) or replicated (gradients averaged). Replies are a fixed function of the prompt, so all three
+    must end with the same weights."""
+    base = {**ppo_options, "use_peft": False, "learning_rate": 1e-4, "ppo_epochs": 1, "max_steps": 2,
+            "reward_normalization": "batch", "target_kl": 1.0, "kl_horizon": 100, "max_grad_norm": 0.5}
+    runs = {"one": _launch(1, {**base, "output_dir": str(tmp_path / "one"), "rollout_batch_size": 4,
+                               "per_device_train_batch_size": 4}, tmp_path)}
+    sharded = {"fsdp": "full_shard", "fsdp_config": {"version": 2}, "save_strategy": "steps", "save_steps": 1}
+    for name, extra in (("fsdp", sharded), ("ddp", {})):
+        runs[name] = _launch(2, {**base, **extra, "output_dir": str(tmp_path / name), "rollout_batch_size": 2,
+                                 "per_device_train_batch_size": 2}, tmp_path)
+    checkpoint = runs["fsdp"] / "checkpoint-1"
+    assert {p.name for p in checkpoint.glob("*_rank*")} == {f"{kind}_rank{r}.{ext}" for r in (0, 1) for kind, ext in
+                                                            (("trainable", "safetensors"), ("optimizer", "pt"))}
+    cut = tmp_path / "resumed"  # a sharded run killed after step 1, resumed: each process loads its own shard
+    cut.mkdir()
+    shutil.copytree(checkpoint, cut / "checkpoint-1")
+    runs["resumed"] = _launch(2, {**base, **sharded, "output_dir": str(cut), "rollout_batch_size": 2,
+                                  "per_device_train_batch_size": 2, "resume_from_checkpoint": "auto"}, tmp_path)
+    results = {name: json.loads((out / "train_results.json").read_text()) for name, out in runs.items()}
+    assert results["fsdp"]["distributed_type"] == "FSDP" and results["fsdp"]["world_size"] == 2
+    assert results["ddp"]["distributed_type"] == "MULTI_CPU" and results["one"]["distributed_type"] == "NO"
+    weights = {name: load_file(str(out / "model.safetensors")) for name, out in runs.items()}
+    start = load_file(str(Path(ppo_options["model_name_or_path"]) / "model.safetensors"))
+    moved = max((weights["one"][k] - start[k]).abs().max().item() for k in start if k in weights["one"])
+    assert moved > 1e-5
+    assert all(torch.allclose(weights["resumed"][k], weights["fsdp"][k], atol=1e-7) for k in weights["fsdp"])
+    for name in ("fsdp", "ddp"):
+        assert weights[name].keys() == weights["one"].keys()
+        worst = max((weights[name][k] - weights["one"][k]).abs().max().item() for k in weights["one"])
+        assert worst < 1e-2 * moved, (name, worst, moved)
+        for ours, theirs in zip(read_metrics(runs[name] / "metrics.jsonl"), read_metrics(runs["one"] / "metrics.jsonl")):
+            assert ours["reward"] == pytest.approx(theirs["reward"], abs=1e-6)
+            assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-3, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_ppo_runs_on_the_embedded_model_against_a_reward_model_trained_here(tmp_path):
     from medgpt.cli import main

@@ -146,11 +146,8 @@ class ActorCritic(nn.Module):
         self.critic_from_reward_model = False  # set by `build`; the trainer calibrates such a head once
         self.has_reference = True  # set by `build`: False when no reference forward was prepared
         self.gather_for_generation = None  # set by `medgpt.rl.sharding`: a context that unshards the policy
-        self.actor_named, self.critic_named = self._select_trainable()
-        self.named_trainable = self.actor_named + self.critic_named
-        self.trainable = [param for _, param in self.named_trainable]
+        self.refresh_trainable()
         _upcast_trainable(self.trainable)
-        self._restore_trainable()
 
     @classmethod
     def build(cls, model, adapter_args, use_peft: bool, reference_adapter_path: str | None = None, *,
@@ -239,6 +236,13 @@ class ActorCritic(nn.Module):
             model.set_adapter(adapter, inference_mode=adapter in (REFERENCE, REWARD))
             self._restore_trainable()
 
+    def refresh_trainable(self) -> None:
+        """(Re)build the lists of trainable parameters (after FSDP2 replaced them by sharded ones)."""
+        self.actor_named, self.critic_named = self._select_trainable()
+        self.named_trainable = self.actor_named + self.critic_named
+        self.trainable = [param for _, param in self.named_trainable]
+        self._restore_trainable()
+
     def _restore_trainable(self) -> None:
         # peft's set_adapter also freezes every inactive adapter; the optimizer's parameters must stay trainable.
         for param in self.trainable:
@@ -319,8 +323,10 @@ class ActorCritic(nn.Module):
 
     def weight_bytes(self) -> tuple[int, int]:
         """(bytes of every weight the roles hold, counted once per storage; bytes of one base model)."""
+        from medgpt.rl.distributed import local_tensor
+
         seen, total = set(), 0
-        for tensor in [*self.parameters(), *self.buffers()]:
+        for tensor in [local_tensor(t) for t in [*self.parameters(), *self.buffers()]]:
             key = (tensor.untyped_storage().data_ptr(), tensor.device)
             if key not in seen:
                 seen.add(key)
@@ -346,9 +352,21 @@ class ActorCritic(nn.Module):
             for name, param in named.items():
                 param.copy_(state[name].to(param.device, param.dtype))
 
-    def save_actor(self, directory: str) -> None:
-        """The policy as every other stage saves its model: the actor adapter alone, or the full model."""
+    def save_actor(self, directory: str, write: bool = True) -> None:
+        """The policy as every other stage saves its model: the actor adapter alone, or the full model. Every
+        process calls it (sharded weights are gathered); only the one with `write` writes."""
+        from medgpt.rl.distributed import is_sharded, local_tensor
+
         if self.lora:
-            self.policy.save_pretrained(directory, selected_adapters=[ACTOR])
-        else:
-            self.policy.save_pretrained(directory)
+            if write:
+                self.policy.save_pretrained(directory, selected_adapters=[ACTOR])
+            return
+        gathered: dict[int, torch.Tensor] = {}  # by storage: tied weights stay one tensor, saved once
+        state = {}
+        for name, tensor in self.policy.state_dict().items():  # every process gathers, in the same order
+            key = local_tensor(tensor).untyped_storage().data_ptr()
+            if key not in gathered:
+                gathered[key] = (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().cpu()
+            state[name] = gathered[key]
+        if write:
+            self.policy.save_pretrained(directory, state_dict=state)

@@ -97,7 +97,7 @@ class PPOTrainer:
         return rank() == 0
 
     def save_model(self, directory: str) -> None:
-        self.network.save_actor(directory)  # every process takes part: sharded weights are gathered
+        self.network.save_actor(directory, write=self.is_world_process_zero())  # every process: gathers shards
 
     # ---------------------------------------------------------------------------------------- rollouts
 

@@ -16,6 +16,7 @@ TRAINING_OPTIONS = (
     "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "max_steps", "num_train_epochs",
     "per_device_train_batch_size", "gradient_accumulation_steps", "save_strategy", "save_steps",
     "save_total_limit", "resume_from_checkpoint", "bf16", "use_cpu", "report_to", "logging_steps", "eval_steps",
+    "fsdp", "fsdp_config",
 )
 
 

@@ -23,7 +23,7 @@ from medgpt.models.adapters import attach_adapter, count_parameters, freeze_laye
 from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model, load_tokenizer
 from medgpt.report import METRICS_FILE
-from medgpt.rl import advantages, rewards
+from medgpt.rl import advantages, rewards, sharding
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.distributed import rank
 from medgpt.rl.ppo import ROLLOUTS_FILE, PPOTrainer
@@ -99,6 +99,9 @@ def check_options(config: RunConfig) -> list[str]:
                           f"{args.report_to}")
     if args.fp16:
         raise ConfigError("fp16 without loss scaling overflows in RL: use bf16 or fp32")
+    if sharding.requested(args) is not None and config.adapter.use_peft:
+        raise ConfigError("FSDP2 shards full-parameter RL (use_peft: false); LoRA RL runs data parallel "
+                          "(torchrun without fsdp): the base is frozen and the adapters are small")
     if args.eval_steps is not None and args.eval_steps <= 0:
         raise ConfigError(f"eval_steps {args.eval_steps}: give a positive number of steps (or leave it unset)")
     names = ppo.reward_funcs or (["reward_model"] if ppo.reward_model_name_or_path else list(ppo.DEFAULT_REWARDS))
@@ -251,7 +254,10 @@ def setup(config: RunConfig):
                     else RewardFunction(n.rpartition(":")[2], w, rule_reward(functions[n]))  # metrics: reward_<fn>
                     for n, w in zip(names, weights)]
     trainable, total = count_parameters(network)
-    memory = memory_stats(network, scorer)
+    memory = memory_stats(network, scorer)  # of the whole model: before sharding splits it
+    shard = sharding.requested(args)
+    if shard is not None:
+        sharding.shard_roles(network, **shard)
     logger.info("trainable parameters (actor%s): %s of %s; weights of every role %.3f GB = %.3fx one base",
                 " + critic" if network.has_critic else "", f"{trainable:,}", f"{total:,}", memory["weights_gb"],
                 memory["roles_memory_over_base"])
@@ -262,8 +268,10 @@ def setup(config: RunConfig):
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
                       stats={"prompts": len(train), "eval_prompts": len(evaluation), "reward_funcs": names,
                              "advantage_estimator": ppo.advantage_estimator,
-                             "reward_model_shares_base": shared is not None, **memory},
-                      sample_prompts=[p.messages for p in (evaluation or train)[:3]])
+                             "reward_model_shares_base": shared is not None, **memory,
+                             **sharding.distributed_summary(shard is not None)},
+                      # rank 0 alone answers them at the end: sharded weights would wait for the other ranks
+                      sample_prompts=[] if shard is not None else [p.messages for p in (evaluation or train)[:3]])
     return trainer, job, resume
 
 
