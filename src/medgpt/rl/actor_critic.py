@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from medgpt.models.adapters import lora_config
-from medgpt.models.reward import last_token_positions
-from medgpt.rl.token_stats import LogitTransform, token_stats
+from medgpt.rl.passes import BackboneForward, TokenStatsForward
 
 logger = logging.getLogger(__name__)
 
@@ -77,52 +76,6 @@ def _upcast_trainable(parameters) -> None:
 def _base(model):
     """The transformers model under a peft wrapper (LoRA layers injected), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def response_hidden(model, batch: dict, response_length: int) -> torch.Tensor:
-    """(B, R, H): the decoder's last hidden state before each response token (position t predicts token t)."""
-    decoder = model.get_decoder()  # the transformer without its LM head
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    return hidden[:, -response_length - 1:-1]
-
-
-class TokenStatsForward(nn.Module):
-    """Per-token log-probs and entropy of a causal LM, from chunks of its LM head."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, tokens, mask, temperature: float, entropy: str):
-        hidden = response_hidden(self.model, batch, tokens.shape[1])
-        return token_stats(hidden, tokens, mask, self.model.get_output_embeddings(),
-                           LogitTransform.of(self.model.config, temperature), entropy)
-
-
-class BackboneForward(TokenStatsForward):
-    """The roles on the backbone (the policy's own base under LoRA, its frozen copy under full training):
-    reference log-probs, critic values, reward scores; which adapter is on is the caller's business."""
-
-    def __init__(self, model, value_head: nn.Linear | None, reward_head: nn.Linear | None):
-        super().__init__(model)
-        self.value_head, self.reward_head = value_head, reward_head
-
-    def forward(self, role: str, batch, tokens=None, mask=None, temperature: float = 1.0, response_length: int = 0):
-        if role == "reference":
-            return super().forward(batch, tokens, mask, temperature, "none")[0]
-        if role == "values":
-            hidden = response_hidden(self.model, batch, response_length)
-            with torch.autocast(hidden.device.type, enabled=False):  # the head computes in fp32
-                return self.value_head(hidden.float()).squeeze(-1)
-        if role == "reward":
-            mask = batch["attention_mask"]
-            hidden = self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
-                                              use_cache=False).last_hidden_state
-            pooled = hidden[torch.arange(len(hidden), device=hidden.device), last_token_positions(mask)]
-            with torch.autocast(hidden.device.type, enabled=False):
-                return self.reward_head(pooled.float()).squeeze(-1)
-        raise ValueError(f"unknown backbone role '{role}'")
 
 
 class ActorCritic(nn.Module):

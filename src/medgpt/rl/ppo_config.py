@@ -27,7 +27,7 @@ class PPOArguments:
     DEFAULT_REWARDS: ClassVar[tuple[str, ...]] = ()  # reward_funcs without a reward model and without a list
 
     reward_model_name_or_path: str | None = documented(
-        """The reward model PPO maximises: a `medgpt rm` output (LoRA reward adapter or full / merged model).
+        """The reward model the policy maximises: a `medgpt rm` output (LoRA reward adapter or full / merged model).
         A LoRA reward model of the policy's own base (the pipeline's case) is mounted on the policy's base as a
         third adapter instead of loading the base again. Replies are scored from their token ids when the reward
         model reads the policy's tokens (same vocabulary and prompt render), else re-rendered with its template.""",
