@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     difference = mean["medgpt"] - mean["trl"]
     if args.output:
         Path(args.output).write_text(json.dumps({"options": vars(args), "curves": curves, "finals": finals}, indent=2))
-    within = abs(difference) <= noise if noise == noise else "n/a (one seed)"
+    within = abs(difference) <= noise if noise == noise else "n/a"  # one seed: no spread to compare with
     print(f"trl_final={mean['trl']:.3f} medgpt_final={mean['medgpt']:.3f} difference={difference:+.3f} "
           f"noise={noise:.3f} within_noise={str(within).lower()}")
     return 0

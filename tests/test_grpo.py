@@ -101,7 +101,8 @@ def test_run_leaves_adapter_metrics_reward_plots_and_group_counts(options, tmp_p
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_mean_reward_rises_on_a_rule_reward(tmp_path, learnable_model_dir, stage):
     """Reward: the share of reply tokens whose embedding has a positive first coordinate (half the vocabulary,
-    so every group has reward variance); the policy learns to prefer those tokens within ten steps."""
+    so every group has reward variance); the policy learns to prefer those tokens within ten steps (2 prompts x 8
+    replies of 4 tokens a step: enough tokens that the rise stands out of the sampling noise)."""
     from transformers import AutoModelForCausalLM
 
     embeddings = AutoModelForCausalLM.from_pretrained(learnable_model_dir).get_input_embeddings().weight
@@ -113,7 +114,7 @@ def test_mean_reward_rises_on_a_rule_reward(tmp_path, learnable_model_dir, stage
     run_stage(stage, {
         "model_name_or_path": str(learnable_model_dir), "train_file_dir": str(data),
         "output_dir": str(tmp_path / "out"), "reward_funcs": user_reward(tmp_path, body), "max_steps": 10,
-        "rollout_batch_size": 1, "num_samples_per_prompt": 8, "per_device_train_batch_size": 8, "max_new_tokens": 4,
+        "rollout_batch_size": 2, "num_samples_per_prompt": 8, "per_device_train_batch_size": 16, "max_new_tokens": 4,
         "kl_coef": 0.0, "learning_rate": 5e-2, "lr_scheduler_type": "constant", "lora_dropout": 0.0,
         "logging_steps": 1, "save_steps": 100})
     reward = logged(tmp_path / "out", "reward")
@@ -267,3 +268,18 @@ def test_grpo_runs_on_the_embedded_model(embedded_dir, tmp_path):
         "max_new_tokens": 8, "reward_funcs": "answer_f1,length_penalty", "logging_steps": 1, "save_steps": 100})
     assert metrics["global_step"] == 1
     assert all(math.isfinite(v) for v in logged(tmp_path / "out", "reward"))
+
+
+def test_the_parity_benchmark_runs_both_trainers_in_tiny_mode(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpo_parity.py"), "--tiny", "--output",
+                          str(tmp_path / "parity.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fields = dict(pair.split("=") for pair in out.stdout.strip().splitlines()[-1].split())
+    assert list(fields) == ["trl_final", "medgpt_final", "difference", "noise", "within_noise"]
+    curves = json.loads((tmp_path / "parity.json").read_text())["curves"]
+    assert [len(c[0]) for c in curves.values()] == [2, 2]  # two steps of each trainer, their own logged rewards

@@ -368,7 +368,7 @@ def test_ppo_example_configs_give_only_trainer_options_ppo_reads(name):
     upstream = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert not {k for k in values if k in upstream and k not in own} - set(TRAINING_OPTIONS)
     if "qwen" not in name:
-        from medgpt.stages.ppo import check_options
+        from medgpt.rl.recipe import check_options
 
         assert check_options(build_config(get_stage("ppo"), values)) == ["reward_model"]
 

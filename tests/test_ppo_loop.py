@@ -165,3 +165,16 @@ def test_held_out_prompts_are_scored_every_eval_steps_and_the_end_is_judged_agai
     assert 0 <= metrics["eval_win_rate_vs_start"] <= 1 and "trained against" not in metrics["eval_win_judge"]
     assert (out / "ppo_eval.png").is_file()
     assert len((out / "eval_start_replies_rank0.jsonl").read_text().splitlines()) == 3
+
+
+def test_the_gae_defaults_benchmark_runs_in_tiny_mode(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ppo_gae_defaults.py"), "--tiny", "--output",
+                          str(tmp_path / "gae.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("best=lam1.0 lam1.0=")
+    assert len(json.loads((tmp_path / "gae.json").read_text())["curves"]["lam1.0"][0]) == 2

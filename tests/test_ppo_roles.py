@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def make_trainer(options: dict):
-    from medgpt.stages.ppo import setup
+    from medgpt.rl.recipe import setup
 
     trainer, job, _ = setup(build_config(get_stage("ppo"), dict(options)))
     return trainer, job

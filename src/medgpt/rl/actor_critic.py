@@ -147,6 +147,7 @@ class ActorCritic(nn.Module):
             else:
                 backbone = get_peft_model(backbone, reward_adapter.lora_config(), adapter_name=REWARD)
                 load_adapter_state(backbone, REWARD, reward_adapter.lora_state)
+                backbone.requires_grad_(False)  # frozen: only the critic's adapter (if any) trains here
         reward_head = reward_adapter.score_head() if reward_adapter is not None else None
         if critic and critic_init == "reward_model":
             load_adapter_state(backbone, CRITIC, reward_adapter.lora_state)

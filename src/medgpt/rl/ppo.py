@@ -89,6 +89,7 @@ class PPOTrainer:
         self.use_reference = ppo.kl_coef > 0 and network.has_reference
         self.heldout = None
         self.warned_flat_groups = False
+        self.synced_step: int | None = None
         if eval_prompts and args.eval_steps:
             self.heldout = HeldOutEvaluation(self, eval_prompts)
         broadcast_parameters(network.trainable)  # every process starts from rank 0's initialisation
@@ -113,6 +114,9 @@ class PPOTrainer:
     def sample(self, prompts: list[Prompt], prompt_ids: list[list[int]], params: SamplingParams) -> Replies:
         """Replies of the current policy (the actor adapter on) to each prompt, as the rewards see them."""
         self.network.use("default")
+        if self.synced_step != self.step:  # a generation server gets the current weights once per step
+            self.rollouts.sync(self.network.policy, self.step)
+            self.synced_step = self.step
         responses = self.rollouts.generate_ids(prompt_ids, params)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
         return Replies(prompts, prompt_ids, responses, texts)
@@ -153,7 +157,6 @@ class PPOTrainer:
         n = self.group_size
         prompts = [self.prompts[i] for i in indices for _ in range(n)]  # a prompt's replies are consecutive rows
         prompt_ids = [self.prompt_ids[i] for i in indices for _ in range(n)]
-        self.rollouts.sync(self.network.policy, self.step)
         replies = self.sample(prompts, prompt_ids, self.sampling)
         scores, valid, stats = self.score(replies)
         batch, tokens, mask = rollout_batch(prompt_ids, replies.ids, self.tokenizer.pad_token_id, self.args.device)
