@@ -460,6 +460,8 @@ def test_ppo_runs_on_the_embedded_model_against_a_reward_model_trained_here(tmp_
                  "save_strategy=no"]) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["global_step"] == 2 and math.isfinite(results["train_reward"])
+    # RM and PPO start from the same model: the reward model is an adapter of the policy's base, scored from ids
+    assert results["reward_model_shares_base"] and 1.0 < results["roles_memory_over_base"] < 1.1
     rows = read_metrics(out / "metrics.jsonl")
     assert all(math.isfinite(r["reward_reward_model"]) and r["response_length"] > 0 for r in rows)
     assert (out / "adapter_model.safetensors").is_file() and (out / "ppo.png").is_file()
