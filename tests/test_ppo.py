@@ -26,7 +26,6 @@ from medgpt.config import ConfigError, build_config, read_yaml
 from medgpt.data.records import Message
 from medgpt.data.templates import ChatFormat
 from medgpt.report import read_metrics
-from medgpt.rl import ppo_core as core
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.ppo import rollout_batch
 from medgpt.stages import get_stage

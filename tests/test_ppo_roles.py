@@ -17,10 +17,9 @@ from medgpt.config import build_config
 from medgpt.data.records import Message
 from medgpt.data.templates import ChatFormat
 from medgpt.rl.actor_critic import ACTOR, CRITIC, ActorCritic, adapter_state
-from medgpt.rl.experience import rollout_batch
 from medgpt.rl.reward_adapter import RewardAdapter, same_base
 from medgpt.stages import get_stage
-from test_ppo import one_thread, ppo_options, write_questions, write_rule  # noqa: F401 (fixtures)
+from test_ppo import one_thread, ppo_options  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -3,8 +3,6 @@ dataset's columns as keyword arguments), plus a user's module:function and the r
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
