@@ -1,27 +1,31 @@
-"""RL throughput and memory: our PPO stage vs the GRPO stage (TRL's trainer), steps per minute and peak RSS.
+"""RL throughput and memory: PPO (critic, GAE) vs GRPO (group baseline, no critic) in our one RL loop, steps per
+minute, peak RSS, and the weights the four roles of RLHF hold against one base model.
 
 One invocation runs both through medgpt's real stages (`get_stage("ppo"|"grpo").run(build_config(...))`), each
 in its own child process (peak RSS = that child's `ru_maxrss`), one after the other, on the same model, the same
-prompt file, the same template, sampling, rewards and LoRA. A step:
+prompt file, template, sampling, rewards and LoRA. Both score with a reward model that is a LoRA adapter of the
+policy's base (mounted on it: `medgpt.rl.reward_adapter`; a random one made here unless `--reward-model` names a
+`medgpt rm` output) plus `answer_f1` + 0.2 x `length_penalty`. A step:
 
-  ppo   one rollout batch: N prompts, one reply each (one `generate` call of N rows) -> rewards -> actor,
-        reference and critic forward passes -> `ppo_epochs` passes of minibatch updates (policy and value
-        losses; one optimizer step per minibatch of M rollouts)
-  grpo  one optimizer step: N / G prompts x G completions each (one `generate` call of N rows: TRL's
-        generation batch) -> rewards -> gradient accumulation over N / M micro-batches of M completions
+  ppo   N prompts, one reply each (one `generate` call of N rows) -> rewards -> actor, reference and critic
+        forward passes -> `ppo_epochs` passes of minibatch updates (policy and value losses; one optimizer
+        step per minibatch of M rollouts); the critic starts from the reward model
+  grpo  N / G prompts x G replies (one `generate` call of N rows) -> rewards -> one pass of minibatch updates
+        (policy loss only; kl_coef 0: no reference pass), one optimizer step per minibatch
 
-so both generate N completions of at most L new tokens per step and train on minibatches of M sequences.
-Defaults: N=8, G=4, M=4, L=64, ppo_epochs=2, the other settings of configs/ppo.yaml and configs/grpo.yaml
-(GRPO: beta 0, no reference model), and the same rule rewards for both (answer_f1 + 0.2 x length_penalty; a
-reward model would add the same scoring cost per completion to both). Timing comes from the trainers'
-own step boundaries (a `PPOTrainer` subclass marks the end of `train_step`; a callback marks GRPO's
-`on_step_end`), so model loading, data preparation and the final save are not timed; the first `--warmup`
-steps are not timed either. Time inside HF `generate` is measured per step as well, and other processes' CPU
-use during the timed steps (from /proc/stat). The last line printed is
+so both generate N replies of at most L new tokens per step and train on minibatches of M sequences. Sampled
+replies differ in length, so the ratio is taken at equal generated tokens: ppo_over_grpo_step_time = (PPO s/step
+/ PPO generated tokens per step) / (GRPO s/step / GRPO generated tokens per step). Timing comes from the
+trainer's own step boundaries (a `PPOTrainer` subclass marks the end of `train_step`), so model loading, data
+preparation and the final save are not timed; the first `--warmup` steps are not timed either. Time inside HF
+`generate` is measured per step as well, and other processes' CPU use during the timed steps (from /proc/stat).
+roles_memory_over_base is the PPO run's `roles_memory_over_base` (train_results.json): the bytes of every weight
+actor, critic, reference and reward model hold together (each storage once) over one base model's. The last
+line printed is
 
-  ppo_steps_per_min=X grpo_steps_per_min=Y ppo_peak_rss_gb=Z ppo_over_grpo_step_time=R
+  ppo_steps_per_min=X grpo_steps_per_min=Y ppo_peak_rss_gb=Z ppo_over_grpo_step_time=R roles_memory_over_base=M
 
-with R = PPO seconds per step / GRPO seconds per step. See benchmarks/README.md for measured numbers.
+See benchmarks/README.md for measured numbers.
 
     .venv/bin/python benchmarks/rl_throughput.py                  # embedded smollm2-135m, ~10 min
     .venv/bin/python benchmarks/rl_throughput.py --tiny           # seconds: a tiny random model, checks the script
@@ -47,36 +51,32 @@ from sft_throughput import QUIET_CORES, Recorder, machine_busy_seconds, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ppo", "grpo")
-LABELS = {"ppo": "medgpt ppo (our trainer: actor + critic adapters, reference = adapters off)",
-          "grpo": "medgpt grpo (TRL GRPOTrainer)"}
+LABELS = {"ppo": "medgpt ppo (critic from the reward model, GAE; actor, critic, reference, reward on one base)",
+          "grpo": "medgpt grpo (the same loop, group baseline, no critic, no reference pass)"}
 
 
 # ---------------------------------------------------------------------------------------------- child side
 
 
 def job_options(side: str, args, output_dir: str) -> dict:
-    """The stage options of one side: what the two share, then what each stage calls its own."""
+    """The stage options of one side: what the two share, then what each algorithm does differently."""
     shared = {
         "model_name_or_path": args.model, "torch_dtype": "fp32", "bf16": False,
         "train_file_dir": str(args.data), "output_dir": output_dir, "seed": args.seed,
         "max_steps": args.steps, "learning_rate": 1e-5, "lr_scheduler_type": "constant",
         "logging_steps": 1, "save_strategy": "no",
         "use_peft": True, "target_modules": "all", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-        "reward_funcs": ["answer_f1", "length_penalty"], "reward_weights": [1.0, 0.2],
-        "per_device_train_batch_size": args.minibatch,  # PPO: the minibatch; GRPO: the micro-batch
+        "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": args.max_new_tokens,
+        "max_prompt_length": 256, "reward_model_name_or_path": str(args.reward_model),
+        "reward_funcs": ["reward_model", "answer_f1", "length_penalty"], "reward_weights": [1.0, 1.0, 0.2],
+        "per_device_train_batch_size": args.minibatch, "missing_eos_penalty": 1.0,
     }
     if side == "ppo":  # the rest as configs/ppo.yaml
-        return {**shared, "rollout_batch_size": args.completions, "max_new_tokens": args.max_new_tokens,
-                "max_prompt_length": 256, "ppo_epochs": args.ppo_epochs, "kl_coef": 0.05, "target_kl": 6.0,
-                "gamma": 1.0, "lam": 0.95, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
-                "entropy_coef": 0.0, "reward_normalization": "running", "reward_clip": 5.0,
-                "missing_eos_penalty": 1.0}
-    # the rest as configs/grpo.yaml; TRL's generation batch = minibatch x accumulation = N completions
-    return {**shared, "num_generations": args.num_generations, "max_completion_length": args.max_new_tokens,
-            "gradient_accumulation_steps": args.completions // args.minibatch,
-            "length_penalty_start": args.max_new_tokens // 2,  # where PPO's length_penalty starts
-            "beta": args.grpo_beta, "epsilon": 0.2, "loss_type": "dapo", "report_to": "none", "disable_tqdm": True}
+        return {**shared, "rollout_batch_size": args.completions, "ppo_epochs": args.ppo_epochs, "kl_coef": 0.05,
+                "target_kl": 6.0, "reward_normalization": "running", "reward_clip": 5.0}
+    # the rest as configs/grpo.yaml: the stage's defaults (grpo estimator, kl_coef 0, one pass)
+    return {**shared, "num_samples_per_prompt": args.num_generations,
+            "rollout_batch_size": args.completions // args.num_generations, "kl_coef": args.grpo_kl}
 
 
 class StepClock(Recorder):
@@ -131,12 +131,12 @@ class StepClock(Recorder):
         GenerationMixin.generate = timed
 
 
-def run_ppo(args, clock: StepClock, output_dir: str) -> dict:
-    import medgpt.stages.ppo as ppo_stage
+def run_stage(side: str, args, clock: StepClock, output_dir: str) -> dict:
+    import medgpt.rl.recipe as recipe
     from medgpt.config import build_config
     from medgpt.stages import get_stage
 
-    class TimedPPOTrainer(ppo_stage.PPOTrainer):
+    class TimedTrainer(recipe.PPOTrainer):
         def train(self, resume=None):
             clock.begin()
             return super().train(resume)
@@ -147,36 +147,9 @@ def run_ppo(args, clock: StepClock, output_dir: str) -> dict:
             clock.completion_length(self.step, stats["response_length"])
             return stats, samples
 
-    stage = get_stage("ppo")
-    ppo_stage.PPOTrainer = TimedPPOTrainer  # in this child process only: the stage builds this subclass
-    return stage.run(build_config(stage, job_options("ppo", args, output_dir)))
-
-
-def run_grpo(args, clock: StepClock, output_dir: str) -> dict:
-    from transformers import TrainerCallback
-
-    import medgpt.stages.grpo as grpo_stage
-    from medgpt.config import build_config
-    from medgpt.stages import get_stage
-
-    class Timing(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.end_step(state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "completions/mean_length" in logs:
-                clock.completion_length(state.global_step, logs["completions/mean_length"])
-
-    class TimedGRPOTrainer(grpo_stage.TRAINERS["grpo"]):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **{**kw, "callbacks": [*(kw.get("callbacks") or []), Timing()]})
-
-    stage = get_stage("grpo")
-    grpo_stage.TRAINERS["grpo"] = TimedGRPOTrainer  # in this child process only
-    return stage.run(build_config(stage, job_options("grpo", args, output_dir)))
+    recipe.PPOTrainer = TimedTrainer  # in this child process only: the recipe builds this subclass
+    stage = get_stage(side)
+    return stage.run(build_config(stage, job_options(side, args, output_dir)))
 
 
 def summarise(side: str, clock: StepClock, warmup: int) -> dict:
@@ -213,9 +186,11 @@ def child(args) -> dict:
     clock = StepClock(args.only, args.steps)
     clock.time_generate()
     with tempfile.TemporaryDirectory(prefix=f"rl-bench-{args.only}-") as output_dir:
-        metrics = {"ppo": run_ppo, "grpo": run_grpo}[args.only](args, clock, output_dir)
+        metrics = run_stage(args.only, args, clock, output_dir)
     result = summarise(args.only, clock, args.warmup)
     result["global_step"] = metrics.get("global_step")
+    result["roles_memory_over_base"] = metrics.get("roles_memory_over_base")
+    result["reward_model_shares_base"] = metrics.get("reward_model_shares_base")
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     result["torch_threads"] = torch.get_num_threads()
     return result
@@ -224,20 +199,52 @@ def child(args) -> dict:
 # ---------------------------------------------------------------------------------------------- parent side
 
 
-def make_tiny_model(directory: Path) -> Path:
-    """A random 2-layer Llama with the embedded tokenizer (the smoke mode's model: checks the script only)."""
+def make_tiny_model(directory: Path, initializer_range: float = 0.02, norm_scale: float = 1.0) -> Path:
+    """A random 2-layer Llama with the embedded tokenizer (the smoke mode's model: checks the script only).
+    initializer_range 0.5: LoRA moves its logits fast (the RL quality scripts); norm_scale 2: its next-token
+    distributions are peaked, so a given token comes up now and then."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from medgpt.models.embedded import resolve_embedded
+    from medgpt.models.load import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_embedded("smollm2-135m"))
+    ensure_pad_token(tokenizer)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
+                         tie_word_embeddings=True, initializer_range=initializer_range,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(norm_scale)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_reward_adapter(base: str, directory: Path, seed: int) -> Path:
+    """A LoRA reward model of `base` as `medgpt rm` saves one (adapter + score head), with random weights: it
+    costs what a trained one costs, which is all a throughput run needs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medgpt.arguments import ModelArguments
+    from medgpt.models.load import load_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    args = ModelArguments(model_name_or_path=base, torch_dtype="fp32")
+    tokenizer = load_tokenizer(args)
+    model = load_model(args, tokenizer, head="sequence_classification")
+    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["score"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # a trained adapter is not the identity
+    peft_model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -302,7 +309,8 @@ def parent(args) -> int:
                   "--warmup", str(args.warmup), "--completions", str(args.completions),
                   "--num-generations", str(args.num_generations), "--minibatch", str(args.minibatch),
                   "--max-new-tokens", str(args.max_new_tokens), "--ppo-epochs", str(args.ppo_epochs),
-                  "--grpo-beta", str(args.grpo_beta), "--seed", str(args.seed), "--threads", str(args.threads)]
+                  "--grpo-kl", str(args.grpo_kl), "--seed", str(args.seed), "--threads", str(args.threads),
+                  "--reward-model", str(args.reward_model)]
         print(f"RL throughput: model {'tiny random Llama (smoke mode: measures nothing)' if args.tiny else args.model}, "
               f"data {args.data}, {args.completions} completions of <= {args.max_new_tokens} new tokens per step "
               f"(PPO {args.completions} prompts x 1, {args.ppo_epochs} PPO epochs; GRPO "
@@ -332,9 +340,14 @@ def parent(args) -> int:
               + ", ".join(f"{side} {results[side]['other_cores']:.2f}" for side in loaded)
               + f" cores on average, {args.threads} torch threads): the numbers are indicative only")
     ppo, grpo = results["ppo"], results["grpo"]
+    per_token = [r["seconds_per_step"] / (r["completions_per_step"] * r["mean_completion_length"]) for r in (ppo, grpo)]
+    print(f"raw step-time ratio {ppo['seconds_per_step'] / grpo['seconds_per_step']:.2f}; generated tokens per step "
+          f"ppo {ppo['completions_per_step'] * ppo['mean_completion_length']:.0f}, "
+          f"grpo {grpo['completions_per_step'] * grpo['mean_completion_length']:.0f}; reward model mounted on the "
+          f"policy's base: {ppo['reward_model_shares_base']}")
     print(f"ppo_steps_per_min={ppo['steps_per_min']:.2f} grpo_steps_per_min={grpo['steps_per_min']:.2f} "
-          f"ppo_peak_rss_gb={ppo['peak_rss_bytes'] / 1e9:.2f} "
-          f"ppo_over_grpo_step_time={ppo['seconds_per_step'] / grpo['seconds_per_step']:.2f}", flush=True)
+          f"ppo_peak_rss_gb={ppo['peak_rss_bytes'] / 1e9:.2f} ppo_over_grpo_step_time={per_token[0] / per_token[1]:.2f} "
+          f"roles_memory_over_base={ppo['roles_memory_over_base']:.3f}", flush=True)
     return 0
 
 
@@ -351,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minibatch", type=int, default=4, help="sequences per forward/backward, M (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest completion, L (default 64)")
     p.add_argument("--ppo-epochs", type=int, default=2, help="PPO passes over each rollout batch (default 2)")
-    p.add_argument("--grpo-beta", type=float, default=0.0,
-                   help="GRPO KL coefficient (default 0, as configs/grpo.yaml; > 0 adds a reference forward)")
+    p.add_argument("--grpo-kl", type=float, default=0.0,
+                   help="GRPO kl_coef (default 0, as configs/grpo.yaml; > 0 adds a reference forward)")
+    p.add_argument("--reward-model", type=Path, help="a `medgpt rm` LoRA output on --model (default: a random "
+                   "LoRA reward adapter made here, saved with the run's temporary files)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch threads in every child (default: CPUs available; on a shared machine use 1: 2 threads with one busy neighbour ran a PPO step ~8x slower, see benchmarks/README.md)")
     p.add_argument("--rounds", type=int, default=1, help="repeat ppo/grpo, alternating the order; medians (default 1)")
@@ -374,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.completions % args.num_generations or args.completions % args.minibatch:
         p.error("--completions must be a multiple of --num-generations and of --minibatch")
     with tempfile.TemporaryDirectory(prefix="rl-bench-model-") as tmp:
-        if args.tiny:
-            args.model = str(make_tiny_model(Path(tmp)))
+        if args.tiny and not args.only:
+            args.model = str(make_tiny_model(Path(tmp) / "model"))
+        if args.reward_model is None:
+            args.reward_model = make_reward_adapter(args.model, Path(tmp) / "reward", args.seed)
         if not args.only:
             return parent(args)
         result = child(args)

@@ -26,7 +26,6 @@ from medgpt.config import ConfigError, build_config, read_yaml
 from medgpt.data.records import Message
 from medgpt.data.templates import ChatFormat
 from medgpt.report import read_metrics
-from medgpt.rl import ppo_core as core
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.ppo import rollout_batch
 from medgpt.stages import get_stage
@@ -105,17 +104,19 @@ def test_reply_logprobs_and_values_do_not_depend_on_padding(tiny_model_dir, toke
     batch, tokens, mask = rollout_batch(prompts, replies, tokenizer.pad_token_id, "cpu")
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     with torch.no_grad():
-        logprobs = core.token_logprobs(network.policy_logits(batch, 5, 1.0), tokens)
+        logprobs, _ = network.policy_token_stats(batch, tokens, mask, 1.0)
         values = network.values(batch, 5)
         for row, (prompt, reply) in enumerate(zip(prompts, replies)):
-            alone, alone_tokens, _ = rollout_batch([prompt], [reply], tokenizer.pad_token_id, "cpu")
-            expected = core.token_logprobs(network.policy_logits(alone, len(reply), 1.0), alone_tokens)[0]
+            alone, alone_tokens, alone_mask = rollout_batch([prompt], [reply], tokenizer.pad_token_id, "cpu")
+            expected = network.policy_token_stats(alone, alone_tokens, alone_mask, 1.0)[0][0]
             assert torch.allclose(logprobs[row, :len(reply)], expected, atol=1e-5)
             assert torch.allclose(values[row, :len(reply)], network.values(alone, len(reply))[0], atol=1e-5)
-            # and the same as the plain causal LM on the unpadded sequence
+            # and the same as the plain causal LM on the unpadded sequence (values() left the critic adapter on)
+            network.use("default")
             full = torch.tensor([prompt + reply])
             plain = network.policy(input_ids=full).logits[0, len(prompt) - 1:-1].log_softmax(-1)
             assert torch.allclose(expected, plain.gather(-1, torch.tensor(reply)[:, None])[:, 0], atol=1e-5)
+        assert logprobs[1, 2:].abs().sum() == 0  # padding has no log-prob
 
 
 def test_reference_is_the_policy_as_the_stage_starts_and_stays_frozen(tiny_model_dir, tokenizer, tmp_path):
@@ -123,22 +124,30 @@ def test_reference_is_the_policy_as_the_stage_starts_and_stays_frozen(tiny_model
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(6)[None]}
     # a new adapter on a plain (or merged SFT) model: the reference is the model with adapters off
     network = build_network(tiny_model_dir, tokenizer)
-    start = network.policy_logits(batch, 3, 1.0).detach()
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), start)
+    tokens, mask = ids[:, -3:], torch.ones(1, 3)
+
+    def actor():
+        return network.policy_token_stats(batch, tokens, mask, 1.0)[0].detach()
+
+    def reference():
+        return network.reference_logprobs(batch, tokens, mask, 1.0)
+
+    start = actor()
+    assert torch.allclose(reference(), start)
     perturb_actor(network)
-    assert not torch.allclose(network.policy_logits(batch, 3, 1.0), start, atol=1e-4)
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), start)
+    assert not torch.allclose(actor(), start, atol=1e-4)
+    assert torch.allclose(reference(), start)
 
     # an unmerged SFT adapter: the reference is a frozen copy of it, not the pre-SFT base
     sft = build_network(tiny_model_dir, tokenizer)
     perturb_actor(sft)
     sft.policy.save_pretrained(str(tmp_path / "sft"), selected_adapters=["default"])
-    sft_logits = sft.policy_logits(batch, 3, 1.0).detach()
+    sft_logprobs = sft.policy_token_stats(batch, tokens, mask, 1.0)[0].detach()
     network = build_network(tiny_model_dir, tokenizer, reference_adapter=str(tmp_path / "sft"))
-    assert torch.allclose(network.policy_logits(batch, 3, 1.0), sft_logits, atol=1e-6)
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), sft_logits, atol=1e-6)
+    assert torch.allclose(actor(), sft_logprobs, atol=1e-6)
+    assert torch.allclose(reference(), sft_logprobs, atol=1e-6)
     perturb_actor(network)
-    assert torch.allclose(network.reference_logits(batch, 3, 1.0), sft_logits, atol=1e-6)
+    assert torch.allclose(reference(), sft_logprobs, atol=1e-6)
     assert all(".ref." not in name for name, _ in network.named_trainable)
 
 
@@ -358,7 +367,7 @@ def test_ppo_example_configs_give_only_trainer_options_ppo_reads(name):
     upstream = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert not {k for k in values if k in upstream and k not in own} - set(TRAINING_OPTIONS)
     if "qwen" not in name:
-        from medgpt.stages.ppo import check_options
+        from medgpt.rl.recipe import check_options
 
         assert check_options(build_config(get_stage("ppo"), values)) == ["reward_model"]
 
@@ -384,6 +393,58 @@ def test_torchrun_two_cpu_processes_train_one_ppo_policy(ppo_options, tmp_path):
     assert len(list(out.glob("adapter_model.safetensors"))) == 1
 
 
+def _launch(processes: int, options: dict, tmp_path: Path, extra_env: dict | None = None) -> Path:
+    env = {**os.environ, "MEDGPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT / "tests"),
+                                                       os.environ.get("PYTHONPATH")])), **(extra_env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = str(ROOT / "tests" / "rl_sharded_run.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable]
+    done = subprocess.run([*launcher, script, json.dumps(options)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return Path(options["output_dir"])
+
+
+def test_fsdp2_and_data_parallel_full_training_match_one_process_with_the_same_global_batch(ppo_options, tmp_path):
+    """4 prompts per step: one process with rollout_batch_size 4, or two with 2 each, sharded by FSDP2 (actor and
+    critic backbone) or replicated (gradients averaged). Replies are a fixed function of the prompt, so all three
+    must end with the same weights."""
+    base = {**ppo_options, "use_peft": False, "learning_rate": 1e-4, "ppo_epochs": 1, "max_steps": 2,
+            "reward_normalization": "batch", "target_kl": 1.0, "kl_horizon": 100, "max_grad_norm": 0.5}
+    runs = {"one": _launch(1, {**base, "output_dir": str(tmp_path / "one"), "rollout_batch_size": 4,
+                               "per_device_train_batch_size": 4}, tmp_path)}
+    sharded = {"fsdp": "full_shard", "fsdp_config": {"version": 2}, "save_strategy": "steps", "save_steps": 1}
+    for name, extra in (("fsdp", sharded), ("ddp", {})):
+        runs[name] = _launch(2, {**base, **extra, "output_dir": str(tmp_path / name), "rollout_batch_size": 2,
+                                 "per_device_train_batch_size": 2}, tmp_path)
+    checkpoint = runs["fsdp"] / "checkpoint-1"
+    assert {p.name for p in checkpoint.glob("*_rank*")} == {f"{kind}_rank{r}.{ext}" for r in (0, 1) for kind, ext in
+                                                            (("trainable", "safetensors"), ("optimizer", "pt"))}
+    cut = tmp_path / "resumed"  # a sharded run killed after step 1, resumed: each process loads its own shard
+    cut.mkdir()
+    shutil.copytree(checkpoint, cut / "checkpoint-1")
+    runs["resumed"] = _launch(2, {**base, **sharded, "output_dir": str(cut), "rollout_batch_size": 2,
+                                  "per_device_train_batch_size": 2, "resume_from_checkpoint": "auto"}, tmp_path)
+    results = {name: json.loads((out / "train_results.json").read_text()) for name, out in runs.items()}
+    assert results["fsdp"]["distributed_type"] == "FSDP" and results["fsdp"]["world_size"] == 2
+    assert results["ddp"]["distributed_type"] == "MULTI_CPU" and results["one"]["distributed_type"] == "NO"
+    weights = {name: load_file(str(out / "model.safetensors")) for name, out in runs.items()}
+    start = load_file(str(Path(ppo_options["model_name_or_path"]) / "model.safetensors"))
+    moved = max((weights["one"][k] - start[k]).abs().max().item() for k in start if k in weights["one"])
+    assert moved > 1e-5
+    assert all(torch.allclose(weights["resumed"][k], weights["fsdp"][k], atol=1e-7) for k in weights["fsdp"])
+    for name in ("fsdp", "ddp"):
+        assert weights[name].keys() == weights["one"].keys()
+        worst = max((weights[name][k] - weights["one"][k]).abs().max().item() for k in weights["one"])
+        assert worst < 1e-2 * moved, (name, worst, moved)
+        for ours, theirs in zip(read_metrics(runs[name] / "metrics.jsonl"), read_metrics(runs["one"] / "metrics.jsonl")):
+            assert ours["reward"] == pytest.approx(theirs["reward"], abs=1e-6)
+            assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-3, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_ppo_runs_on_the_embedded_model_against_a_reward_model_trained_here(tmp_path):
     from medgpt.cli import main
@@ -398,6 +459,8 @@ def test_ppo_runs_on_the_embedded_model_against_a_reward_model_trained_here(tmp_
                  "save_strategy=no"]) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["global_step"] == 2 and math.isfinite(results["train_reward"])
+    # RM and PPO start from the same model: the reward model is an adapter of the policy's base, scored from ids
+    assert results["reward_model_shares_base"] and 1.0 < results["roles_memory_over_base"] < 1.1
     rows = read_metrics(out / "metrics.jsonl")
     assert all(math.isfinite(r["reward_reward_model"]) and r["response_length"] > 0 for r in rows)
     assert (out / "adapter_model.safetensors").is_file() and (out / "ppo.png").is_file()

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from medgpt.rl import advantages as estimators
 from medgpt.rl import ppo_core as core
+from medgpt.rl.token_stats import LogitTransform, token_stats
 
 LENGTHS = [5, 3, 1, 4]  # real reply tokens per row; rows are right-padded to 5
 
@@ -33,11 +35,9 @@ def test_masked_mean_var_and_whitening_use_only_real_tokens():
     assert core.masked_mean(values, mask).item() == pytest.approx(real.mean())
     assert core.masked_var(values, mask).item() == pytest.approx(real.var(ddof=1))
     assert core.masked_var(values, mask, unbiased=False).item() == pytest.approx(real.var())
-    whitened = core.masked_whiten(values, mask)
+    whitened = estimators.global_whiten(values, mask)
     assert real_values(whitened) == pytest.approx(list((real - real.mean()) / math.sqrt(real.var(ddof=1) + 1e-8)))
     assert whitened[mask == 0].abs().max() == 0
-    kept_mean = core.masked_whiten(values, mask, shift_mean=False)
-    assert core.masked_mean(kept_mean, mask).item() == pytest.approx(real.mean())
     rows = core.masked_mean(values, mask, dim=1)
     assert rows.tolist() == pytest.approx([np.mean([values[i, t].item() for t in range(n)]) for i, n in enumerate(LENGTHS)])
 
@@ -151,18 +151,66 @@ def test_clipped_value_loss_matches_a_token_loop():
     assert clipfrac.item() == pytest.approx(np.mean(clipped))
 
 
-def test_entropy_and_token_logprobs_match_the_softmax_definitions():
-    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+def test_value_loss_without_clipping_is_half_the_squared_error():
+    draw, mask = padded_batch(6)
+    old, returns = draw(), draw()
+    values = old + 3 * draw()  # far outside any clip range
+    loss, clipfrac = core.value_loss(values, old, returns, mask, cliprange_value=None)
+    expected = np.mean([0.5 * (values[i, t].item() - returns[i, t].item()) ** 2
+                        for i, n in enumerate(LENGTHS) for t in range(n)])
+    assert loss.item() == pytest.approx(expected) and clipfrac.item() == 0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 256])
+def test_chunked_token_stats_match_the_softmax_definitions(chunk_size):
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    head = torch.nn.Linear(5, 7, bias=False).double()
     tokens = torch.tensor([[0, 6, 3], [2, 2, 5]])
-    entropy = core.entropy_from_logits(logits)
-    logprobs = core.token_logprobs(logits, tokens)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    transform = LogitTransform(temperature=0.7, softcap=2.0)
+    logprobs, entropy = token_stats(hidden, tokens, mask, head, transform, "value", chunk_size=chunk_size)
     for i in range(2):
         for t in range(3):
-            row = logits[i, t].tolist()
+            if not mask[i, t]:
+                assert logprobs[i, t] == 0 and entropy[i, t] == 0
+                continue
+            row = [math.tanh(x / 2.0) * 2.0 / 0.7 for x in head(hidden[i, t]).tolist()]
             z = sum(math.exp(x) for x in row)
             probabilities = [math.exp(x) / z for x in row]
-            assert entropy[i, t].item() == pytest.approx(-sum(p * math.log(p) for p in probabilities))
+            assert entropy[i, t].item() == pytest.approx(-sum(p * math.log(p) for p in probabilities), abs=1e-6)
             assert logprobs[i, t].item() == pytest.approx(math.log(probabilities[tokens[i, t]]), abs=1e-6)
+
+
+def test_chunked_token_stats_gradients_equal_full_logits_and_entropy_grad_only_when_asked():
+    generator = torch.Generator().manual_seed(9)
+    hidden = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    head = torch.nn.Linear(6, 11, bias=False).double()
+    tokens = torch.randint(0, 11, (3, 4), generator=generator)
+    mask = torch.tensor([[1.0] * 4, [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    weights = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+
+    def gradients(chunked: bool, with_entropy: bool):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        if chunked:
+            lp, ent = token_stats(h, tokens, mask, head, LogitTransform(), "grad" if with_entropy else "none", 2)
+        else:
+            logits = head(h).log_softmax(-1)
+            lp = logits.gather(-1, tokens[..., None])[..., 0] * mask
+            ent = -(logits.exp() * logits).sum(-1) * mask
+        loss = (lp * weights).sum() + (ent.sum() if with_entropy else 0)
+        loss.backward()
+        return h.grad.clone(), head.weight.grad.clone()
+
+    for with_entropy in (False, True):
+        for a, b in zip(gradients(True, with_entropy), gradients(False, with_entropy)):
+            assert torch.allclose(a, b, atol=1e-10)
+    h = hidden.clone().requires_grad_(True)
+    _, entropy = token_stats(h, tokens, mask, head, LogitTransform(), "value")
+    assert not entropy.requires_grad and entropy[mask == 1].min() > 0
+    _, nothing = token_stats(h, tokens, mask, head, LogitTransform(), "none")
+    assert nothing.abs().sum() == 0
 
 
 def test_adaptive_kl_controller_follows_ziegler_and_fixed_one_stays_put():
@@ -200,3 +248,100 @@ def test_score_normalisation_modes_and_clipping():
     assert first.tolist() == pytest.approx(((scores - scores.mean()) / scores.std()).tolist())
     assert core.clip_scores(first * 10, 2.0).abs().max().item() == 2.0
     assert torch.equal(core.clip_scores(scores, None), scores)
+
+
+# ------------------------------------------------------------------------------------------------ estimators
+
+
+GROUP_REWARDS = [1.0, 2.0, 4.0, 0.5, 0.5, 0.5, 3.0, -1.0, 7.0]  # three prompts x three replies
+GROUP_VALID = [True, True, True, True, True, True, True, True, False]  # the last reply: no reward applied
+
+
+def test_grpo_advantages_are_group_standardised_over_valid_replies():
+    rewards, valid = torch.tensor(GROUP_REWARDS, dtype=torch.float64), torch.tensor(GROUP_VALID)
+    advantages = estimators.group_advantages(rewards, valid, 3, "grpo")
+    expected = []
+    for g in range(3):
+        kept = [GROUP_REWARDS[3 * g + k] for k in range(3) if GROUP_VALID[3 * g + k]]
+        mean = sum(kept) / len(kept)
+        std = math.sqrt(sum((x - mean) ** 2 for x in kept) / (len(kept) - 1))
+        for k in range(3):
+            ok = GROUP_VALID[3 * g + k]
+            expected.append((GROUP_REWARDS[3 * g + k] - mean) / (std + 1e-4) if ok else 0.0)
+    assert advantages.tolist() == pytest.approx(expected)
+    assert advantages[3:6].abs().max() == 0  # a flat group teaches nothing
+    assert advantages[6].item() == pytest.approx(2 / (math.sqrt(8) + 1e-4))  # (3 - 1) / std of {3, -1}
+
+
+def test_rloo_advantages_use_the_mean_of_the_other_valid_replies():
+    rewards, valid = torch.tensor(GROUP_REWARDS, dtype=torch.float64), torch.tensor(GROUP_VALID)
+    advantages = estimators.group_advantages(rewards, valid, 3, "rloo")
+    expected = []
+    for i, r in enumerate(GROUP_REWARDS):
+        g = i // 3
+        others = [GROUP_REWARDS[j] for j in range(3 * g, 3 * g + 3) if j != i and GROUP_VALID[j]]
+        expected.append(r - sum(others) / len(others) if GROUP_VALID[i] else 0.0)
+    assert advantages.tolist() == pytest.approx(expected)
+    assert advantages[:3].tolist() == pytest.approx([1 - 3, 2 - 2.5, 4 - 1.5])
+
+
+def test_group_estimators_broadcast_the_reply_advantage_and_rloo_pays_the_kl_in_the_reward():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    kl = torch.tensor([[0.5, 0.5, 9.0], [1.0, 1.0, 1.0]])  # padding's 9 must not count
+    scores, valid = torch.tensor([1.0, 1.0]), torch.tensor([True, True])
+    rloo, returns = estimators.estimate("rloo", scores, kl, 0.1, mask, valid, group_size=2)
+    assert returns is None
+    expected = torch.tensor([[0.2, 0.2, 0.0], [-0.2, -0.2, -0.2]])  # (1 - 0.1) - (1 - 0.3) = 0.2
+    assert torch.allclose(rloo.float(), expected, atol=1e-6)
+    grpo, _ = estimators.estimate("grpo", scores, kl, 0.1, mask, valid, group_size=2)
+    assert grpo.abs().max() == 0  # GRPO's KL is a loss term, not part of the reward
+
+
+def test_reinforce_pp_whitens_the_return_to_go_of_the_per_token_rewards():
+    draw, mask = padded_batch(11)
+    kl = draw() * mask
+    scores = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    gamma, coef = 0.9, 0.1
+    advantages, returns = estimators.estimate("reinforce_pp", scores, kl, coef, mask, torch.ones(4, dtype=torch.bool),
+                                              gamma=gamma)
+    assert returns is None
+    to_go = []
+    for i, n in enumerate(LENGTHS):
+        rewards = [-coef * kl[i, t].item() + (scores[i].item() if t == n - 1 else 0.0) for t in range(n)]
+        to_go += [sum(gamma ** (k - t) * rewards[k] for k in range(t, n)) for t in range(n)]
+    to_go = np.array(to_go)
+    expected = (to_go - to_go.mean()) / math.sqrt(to_go.var(ddof=1) + 1e-8)
+    assert real_values(advantages) == pytest.approx(list(expected))
+    assert advantages[mask == 0].abs().max() == 0
+
+
+def test_gae_estimator_is_whitened_gae_of_the_token_rewards():
+    draw, mask = padded_batch(12)
+    kl, values = draw() * mask, draw()
+    scores = torch.tensor([0.3, 1.0, -1.0, 2.0], dtype=torch.float64)
+    advantages, returns = estimators.estimate("gae", scores, kl, 0.05, mask, torch.ones(4, dtype=torch.bool), values,
+                                              gamma=1.0, lam=0.9)
+    raw, expected_returns = reference_gae(core.token_rewards(scores, kl, 0.05, mask), values, 1.0, 0.9)
+    real = np.array(real_values(raw))
+    assert real_values(advantages) == pytest.approx(list((real - real.mean()) / math.sqrt(real.var(ddof=1) + 1e-8)))
+    assert torch.allclose(returns, expected_returns)
+
+
+def test_explained_variance_is_one_minus_the_residual_share():
+    draw, mask = padded_batch(13)
+    returns, noise = draw(), draw()
+    values = returns + 0.5 * noise
+    r, v = np.array(real_values(returns)), np.array(real_values(values))
+    assert estimators.explained_variance(values, returns, mask) == pytest.approx(1 - np.var(r - v) / np.var(r))
+    assert estimators.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+
+
+def test_kl_loss_is_the_mean_k3_with_gradients_through_the_policy_only():
+    logprobs = torch.tensor([[-1.0, -0.5, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -0.5, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = core.kl_loss(logprobs, ref, mask)
+    k3 = [math.exp(r - l) - 1 - (r - l) for l, r in ((-1.0, -1.2), (-0.5, -0.5))]
+    assert loss.item() == pytest.approx(sum(k3) / 2)
+    loss.backward()
+    assert ref.grad is None and logprobs.grad[0, 2] == 0 and logprobs.grad[0, 0] != 0

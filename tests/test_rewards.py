@@ -3,15 +3,12 @@ dataset's columns as keyword arguments), plus a user's module:function and the r
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from medgpt.data.records import Message
 from medgpt.evaluation.choices import answer_letters
 from medgpt.rl import rewards
-from medgpt.rl.trl_prompts import encode_conversation
 
 
 def chat(*texts: str) -> list[list[dict]]:
@@ -30,7 +27,7 @@ def score(function, completions, references, kinds=None, **kwargs):
 
 def test_key_terms_drop_function_words_and_plurals_and_split_chinese_by_character():
     assert rewards.key_terms("The kidneys filter the Blood.") == ["kidney", "filter", "blood"]
-    assert rewards.key_terms("Do not take aspirin") == ["not", "take", "aspirin"]  # negations carry meaning
+    assert rewards.key_terms("Do not take aspirin") == ["¬take", "¬aspirin"]  # negations carry meaning
     assert rewards.key_terms("60 to 100 beats per minute") == ["60", "100", "beat", "minute"]
     assert rewards.key_terms("胰岛素是降血糖的") == ["胰", "岛", "素", "降", "血", "糖"]
     assert rewards.key_terms("diabetes, glass") == ["diabete", "glass"]  # one stem for both sides
@@ -43,6 +40,16 @@ def test_answer_f1_scores_free_text_against_the_reference():
     assert got[0] == 1.0
     assert got[1] == pytest.approx(2 * (1 / 5) * 1 / (1 / 5 + 1))  # 1 of 5 answer terms, the 1 reference term
     assert got[2] == 0.0 and got[3] == 0.0
+
+
+def test_negation_changes_the_terms_to_the_end_of_the_clause():
+    f1 = lambda answer, reference: score(rewards.answer_f1, chat(answer), [reference])[0]  # noqa: E731
+    assert f1("not the liver", "the liver") == 0.0  # was 0.67: "not" was just one more term
+    assert f1("Not the liver.", "not the liver") == 1.0
+    assert f1("It isn't the liver, it is the spleen", "the spleen") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert f1("不是肝脏", "肝脏") == 0.0 and f1("是肝脏", "肝脏") == 1.0
+    assert f1("非常严重", "严重") == 1.0  # 非常 is "very", not a negation
+    assert rewards.key_terms("No.") == ["not"] and rewards.key_terms("no fever, but a cough") == ["¬fever", "cough"]
 
 
 def test_answer_recall_rewards_mentioning_every_key_term_in_english_and_chinese():
@@ -119,24 +126,39 @@ def test_bad_user_function_specs_say_what_is_wrong(spec, match):
 # ------------------------------------------------------------------------------------------------ reward model
 
 
-def test_reward_model_reward_scores_the_rows_exact_conversation_plus_the_completion(tmp_path, tokenizer):
+def test_reward_model_scores_token_ids_when_it_reads_the_policys_tokens_and_rerenders_otherwise(tmp_path, tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    from medgpt.data.records import Source
+    from medgpt.data.templates import ChatFormat
     from medgpt.models.reward import RewardModelScorer
+    from medgpt.rl.prompts import Prompt
+    from medgpt.rl.reward_adapter import ModelReward
+    from medgpt.rl.scoring import Replies
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.5)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer.load(str(tmp_path / "rm"))
-    reward = rewards.RewardModelReward(scorer)
-    prompt = [Message("system", "You are a careful nurse."), Message("user", "Is 39 °C a fever?")]
+    policy = ChatFormat(tokenizer)
     tools = [{"name": "lookup", "description": "look a drug up", "parameters": {}}]
-    rows = [encode_conversation(prompt, tools), encode_conversation(prompt[1:], None)]
-    got = reward(prompts=[[], []], completions=chat("Yes, it is.", "Yes."), conversation=rows)
-    dialogues = [[*prompt, Message("assistant", "Yes, it is.")], [*prompt[1:], Message("assistant", "Yes.")]]
-    expected = scorer.score(dialogues, [tools, None])
-    assert got == pytest.approx(expected) and all(math.isfinite(v) for v in got)
-    assert reward.__name__ == "reward_model"
+    prompts = [Prompt([Message("system", "You are a careful nurse."), Message("user", "Is 39 °C a fever?")],
+                      Source("t", 1), tools), Prompt([Message("user", "Is 39 °C a fever?")], Source("t", 2))]
+    texts = ["Yes, it is.", "Yes."]
+    end = policy.stop_token_ids()[0]
+    ids = [tokenizer.encode(texts[0], add_special_tokens=False) + [end],  # ended
+           tokenizer.encode(texts[1], add_special_tokens=False)]  # cut off: the scorer closes the turn itself
+    replies = Replies(prompts, [policy.prompt_ids(p.messages, p.tools) for p in prompts], ids, texts)
+    expected = scorer.score([[*p.messages, Message("assistant", t)] for p, t in zip(prompts, texts)], [tools, None])
+    reward = ModelReward(scorer, policy)
+    assert reward(replies) == pytest.approx(expected) and len(set(expected)) == 2
+    assert (reward.from_ids, reward.from_text) == (2, 0)
+
+    chatml_scorer = RewardModelScorer.load(str(tmp_path / "rm"), template="llama3")  # renders prompts otherwise
+    rerendered = ModelReward(chatml_scorer, policy)
+    assert rerendered(replies) == pytest.approx(chatml_scorer.score(
+        [[*p.messages, Message("assistant", t)] for p, t in zip(prompts, texts)], [tools, None]))
+    assert (rerendered.from_ids, rerendered.from_text) == (0, 2)

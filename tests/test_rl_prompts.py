@@ -101,3 +101,30 @@ def test_prompt_batches_are_full_seeded_and_reshuffled_each_pass():
     assert first == prompt_batches(items, 4, seed=1, epoch=0)
     assert first != prompt_batches(items, 4, seed=1, epoch=1)
     assert len({i for b in first for i in b}) == 8
+
+
+def test_long_prompts_lose_old_turns_then_the_question_start_but_keep_the_template_header(tokenizer):
+    from medgpt.data.records import Message, Source
+    from medgpt.data.templates import ChatFormat
+    from medgpt.rl.prompts import Prompt, fit_prompt
+
+    chat = ChatFormat(tokenizer)
+    system = Message("system", "You are a careful medical assistant.")
+    question = Message("user", "Patient history: " + "fever and cough for days, " * 30 + "what now?")
+    history = [Message("user", "Hello " * 40), Message("assistant", "Hi " * 40)]
+    prompt = Prompt([system, *history, question], Source("t.jsonl", 1))
+    whole, short = chat.prompt_ids(prompt.messages), chat.prompt_ids([system, question])
+    header = next(whole[:i] for i in range(len(whole)) if whole[i] != short[i])  # system turn + user tag
+    assert len(header) > 5 and len(short) < 240 < len(whole)
+
+    ids, cut = fit_prompt(chat, prompt, 240)  # the history goes, the question fits
+    assert cut == "turns" and ids == chat.prompt_ids([system, question])
+
+    ids, cut = fit_prompt(chat, prompt, 120)  # the question alone is too long: its start goes
+    assert cut == "question" and len(ids) <= 120
+    assert ids[:len(header)] == header  # left-cutting raw ids would have dropped this
+    assert ids[-8:] == whole[-8:]  # the end of the question and the assistant header
+    assert "what now?" in tokenizer.decode(ids) and "Hello" not in tokenizer.decode(ids)
+    assert fit_prompt(chat, prompt, 10_000) == (whole, None)
+    with pytest.raises(ValueError, match="leaves no room for the question"):
+        fit_prompt(chat, prompt, 12)

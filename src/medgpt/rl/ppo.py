@@ -1,13 +1,15 @@
-"""Our PPO trainer (RLHF): the loop of InstructGPT / Ziegler et al., composed from the pure functions of
-`ppo_core`, readable in one sitting.
+"""Our RL trainer: the loop of InstructGPT / Ziegler et al. (PPO with a critic) and its critic-free variants
+(GRPO, RLOO, REINFORCE++), composed from the pure functions of `ppo_core` and `advantages`.
 
-One step: sample a batch of prompts -> generate one reply each -> score the replies (reward model + rule
-rewards; normalised, clipped, penalised when unfinished) -> log-probs of actor and reference, values ->
-per-token KL penalty + score at the last token -> GAE -> whitened advantages -> `ppo_epochs` passes of
-minibatch updates (clipped policy loss - entropy bonus, clipped value loss) -> KL coefficient update.
+One step: sample a batch of prompts -> generate `num_samples_per_prompt` replies each -> score the replies
+(reward model + rule rewards; normalised, clipped, penalised when unfinished) -> log-probs of actor and reference,
+values -> advantages (`advantage_estimator`) -> `ppo_epochs` passes of minibatch updates (clipped policy loss -
+entropy bonus [+ KL term for GRPO], clipped value loss with its own optimizer group) -> KL coefficient update.
+Every `eval_steps` the held-out prompts are answered and scored (`medgpt.rl.heldout`).
 
 Data parallel: each process answers its own share of the prompts; gradients are averaged over processes
-before every optimizer step, scores are normalised over all of them, and logged numbers are global means.
+before every optimizer step (FSDP2 does it for sharded weights), scores are normalised and advantages whitened
+over all of them, and logged numbers are global means.
 """
 
 from __future__ import annotations
@@ -15,102 +17,44 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from medgpt.report import METRICS_FILE, MetricsWriter
+from medgpt.rl import advantages as estimators
 from medgpt.rl import ppo_core as core
 from medgpt.rl.actor_critic import ActorCritic
-from medgpt.rl.distributed import (
-    average_gradients,
-    broadcast_parameters,
-    check_in_sync,
-    gather,
-    global_mean,
-    rank,
-    world_size,
-)
+from medgpt.rl.checkpoint import load_checkpoint, save_checkpoint
+from medgpt.rl.distributed import average_gradients, broadcast_parameters, check_in_sync, clip_grad_norm, \
+    global_mean, rank, world_size
+from medgpt.rl.experience import Experience, rollout_batch, select, trimmed
+from medgpt.rl.heldout import HeldOutEvaluation
 from medgpt.rl.ppo_config import PPOArguments
-from medgpt.rl.prompts import Prompt, prompt_batches
+from medgpt.rl.prompts import Prompt, fit_prompt, prompt_batches
 from medgpt.rl.rollouts import RolloutBackend
-from medgpt.rl.trl_prompts import encode_conversation
+from medgpt.rl.scoring import RewardFunction, Replies, combine, shape_scores
 from medgpt.serve.engine import SamplingParams
-from medgpt.training.checkpoints import COMPLETE, checkpoints
 
 logger = logging.getLogger(__name__)
 
 ROLLOUTS_FILE = "rollouts.jsonl"
-STATE_FILE = "ppo_state.json"
-WEIGHTS_FILE = "trainable.safetensors"
-
-
-@dataclass
-class RewardFunction:
-    """A named, weighted reward with TRL's signature (as in `medgpt.rl.rewards`): f(prompts, completions,
-    completion_ids, reference, reference_kind, conversation) -> one float (or None: does not apply, counted
-    as 0) per reply."""
-
-    name: str
-    weight: float
-    fn: Callable[..., list[float | None]]
-
-    def __call__(self, prompts: list[Prompt], replies: list[str], reply_ids: list[list[int]]) -> torch.Tensor:
-        values = self.fn(prompts=[p.to_openai() for p in prompts], completions=replies, completion_ids=reply_ids,
-                         reference=[p.reference for p in prompts], reference_kind=[p.reference_kind for p in prompts],
-                         conversation=[encode_conversation(p.messages, p.tools) for p in prompts])
-        if len(values) != len(replies):
-            raise ValueError(f"reward {self.name} returned {len(values)} values for {len(replies)} replies")
-        return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64)
-
-
-@dataclass
-class Experience:
-    """One step's rollouts, all (B, R) over response positions unless noted."""
-
-    batch: dict  # input_ids, attention_mask, position_ids: (B, P + R)
-    responses: torch.Tensor  # token ids
-    mask: torch.Tensor  # 1.0 on reply tokens
-    logprobs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-
-def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                  device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """[left-padded prompt | right-padded reply] rows; positions count real tokens only, as in generation."""
-    width, length = max(len(p) for p in prompts), max(len(r) for r in responses)
-    ids = torch.full((len(prompts), width + length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        ids[row, width - len(prompt):width] = torch.tensor(prompt)
-        ids[row, width:width + len(response)] = torch.tensor(response, dtype=torch.long)
-        mask[row, width - len(prompt):width + len(response)] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
-    return batch, ids[:, width:].to(device), mask[:, width:].float().to(device)
-
-
-def select(batch: dict, rows: torch.Tensor) -> dict:
-    return {key: value[rows] for key, value in batch.items()}
-
-
-# ------------------------------------------------------------------------------------------------ trainer
+FLAT_GROUPS_EXPLAINED = (
+    "%d of %d prompt groups got the same reward for all %d replies: their advantages are 0, so they add no policy "
+    "gradient (when every group is like that and kl_coef is 0, the loss is exactly 0: not a bug, nothing to learn "
+    "from). Use a graded reward (answer_f1 rather than an exact match), raise temperature or "
+    "num_samples_per_prompt, or use prompts the model sometimes gets right. Logged as zero_advantage_groups."
+)
 
 
 class PPOTrainer:
     """Owns the networks, the optimizer and the loop; `train()` runs (or resumes) the whole stage."""
 
     def __init__(self, network: ActorCritic, tokenizer, chat_format, rollouts: RolloutBackend,
-                 rewards: list[RewardFunction], ppo: PPOArguments, args, prompts: list[Prompt]):
+                 rewards: list[RewardFunction], ppo: PPOArguments, args, prompts: list[Prompt],
+                 eval_prompts: list[Prompt] | None = None):
         from accelerate import PartialState
+        from transformers import get_scheduler
 
         self.network, self.tokenizer, self.chat = network, tokenizer, chat_format
         self.rollouts, self.rewards, self.ppo, self.args = rollouts, rewards, ppo, args
@@ -119,16 +63,22 @@ class PPOTrainer:
         self.model = network.policy  # what save_final saves and samples from
         self.output = Path(args.output_dir)
         self.stop_ids = set(chat_format.stop_token_ids())
-        self.prompt_ids = [self._encode(p) for p in prompts]
+        self.prompt_ids, cuts = zip(*(fit_prompt(chat_format, p, ppo.max_prompt_length) for p in prompts))
+        if any(cuts):
+            logger.info("prompts over max_prompt_length %d: %d lost their oldest turns, %d the start of the question",
+                        ppo.max_prompt_length, cuts.count("turns"), cuts.count("question"))
+        self.group_size = ppo.num_samples_per_prompt
         self.batches_per_pass = len(prompts) // (ppo.rollout_batch_size * world_size())
-        passes = math.ceil(args.num_train_epochs * self.batches_per_pass)
-        self.max_steps = args.max_steps if args.max_steps > 0 else passes
-        self.minibatches = ppo.rollout_batch_size // args.per_device_train_batch_size
+        self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * self.batches_per_pass)
+        rows = ppo.rollout_batch_size * self.group_size
+        self.minibatches = rows // args.per_device_train_batch_size
         updates = self.max_steps * ppo.ppo_epochs * math.ceil(self.minibatches / args.gradient_accumulation_steps)
-        self.optimizer = torch.optim.AdamW(network.trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+        groups = [{"params": [p for _, p in network.actor_named], "lr": args.learning_rate}]
+        if network.critic_named:
+            groups.append({"params": [p for _, p in network.critic_named],
+                           "lr": ppo.critic_learning_rate or args.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay,
                                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        from transformers import get_scheduler
-
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, args.get_warmup_steps(updates), updates,
                                        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
         self.kl = core.kl_controller(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
@@ -136,23 +86,19 @@ class PPOTrainer:
         self.step = 0
         self.sampling = SamplingParams(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
                                        top_p=ppo.top_p, top_k=ppo.top_k)
+        self.use_reference = ppo.kl_coef > 0 and network.has_reference
+        self.heldout = None
+        self.warned_flat_groups = False
+        self.synced_step: int | None = None
+        if eval_prompts and args.eval_steps:
+            self.heldout = HeldOutEvaluation(self, eval_prompts)
         broadcast_parameters(network.trainable)  # every process starts from rank 0's initialisation
 
     def is_world_process_zero(self) -> bool:
         return rank() == 0
 
     def save_model(self, directory: str) -> None:
-        if self.is_world_process_zero():
-            self.network.save_actor(directory)
-
-    def _encode(self, prompt: Prompt) -> list[int]:
-        ids = self.chat.prompt_ids(prompt.messages, prompt.tools)
-        return ids[-self.ppo.max_prompt_length:]  # the question is at the end: cut the oldest context
-
-    def _autocast(self):
-        device = self.args.device
-        enabled = bool(self.args.bf16) and torch.device(device).type == "cuda"
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+        self.network.save_actor(directory, write=self.is_world_process_zero())  # every process: gathers shards
 
     # ---------------------------------------------------------------------------------------- rollouts
 
@@ -165,114 +111,172 @@ class PPOTrainer:
         chosen = order[(step - 1) % self.batches_per_pass]
         return chosen[rank() * self.ppo.rollout_batch_size:(rank() + 1) * self.ppo.rollout_batch_size]
 
-    def score(self, prompts: list[Prompt], responses: list[list[int]]) -> tuple[torch.Tensor, dict, list[str]]:
-        """Scores after normalisation, clipping and the missing-EOS penalty, with the raw parts for the log."""
-        replies = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-        raw = torch.zeros(len(replies), dtype=torch.float64)
-        parts = {}
-        for reward in self.rewards:
-            values = reward(prompts, replies, responses)
-            parts[f"reward_{reward.name}"] = values.mean().item()
-            raw += reward.weight * values
-        everyone = gather(raw)  # normalise over all processes alike
-        normalised = core.normalise_scores(everyone, self.ppo.reward_normalization, self.score_moments)
-        mine = core.clip_scores(normalised, self.ppo.reward_clip)[rank() * len(raw):(rank() + 1) * len(raw)]
-        ended = torch.tensor([bool(r) and r[-1] in self.stop_ids for r in responses], dtype=torch.float64)
-        if self.ppo.missing_eos_penalty is not None:
-            mine = mine - self.ppo.missing_eos_penalty * (1 - ended)
-        parts.update(reward=raw.mean().item(), score=mine.mean().item(), no_eos_fraction=(1 - ended).mean().item())
-        return mine.float(), parts, replies
+    def sample(self, prompts: list[Prompt], prompt_ids: list[list[int]], params: SamplingParams) -> Replies:
+        """Replies of the current policy (the actor adapter on) to each prompt, as the rewards see them."""
+        self.network.use("default")
+        if self.synced_step != self.step:  # a generation server gets the current weights once per step
+            self.rollouts.sync(self.network.policy, self.step)
+            self.synced_step = self.step
+        responses = self.rollouts.generate_ids(prompt_ids, params)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+        return Replies(prompts, prompt_ids, responses, texts)
+
+    def score(self, replies: Replies) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(scores after shaping, valid replies, numbers for the log: `reward` is the raw weighted sum)."""
+        raw, valid, parts = combine(self.rewards, replies)
+        ended = torch.tensor([bool(r) and r[-1] in self.stop_ids for r in replies.ids], dtype=torch.float64)
+        scores = shape_scores(raw, valid, ended, self.ppo, self.score_moments)
+        kept = raw[valid] if valid.any() else torch.zeros(1, dtype=raw.dtype)
+        parts.update(reward=kept.mean().item(), reward_std=kept.std().item() if len(kept) > 1 else 0.0,
+                     score=scores[valid].mean().item() if valid.any() else 0.0,
+                     no_eos_fraction=(1 - ended).mean().item())
+        return scores.float(), valid, parts
 
     @torch.no_grad()
-    def _forward_in_chunks(self, batch: dict, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(actor log-probs, reference log-probs, values) of the rollouts, a minibatch at a time."""
-        out = ([], [], [])
-        size = self.args.per_device_train_batch_size
-        rows = len(batch["input_ids"])
-        responses = batch["input_ids"][:, -length:]
-        temperature = self.ppo.temperature
-        for start in range(0, rows, size):
-            part, tokens = select(batch, torch.arange(start, min(start + size, rows))), responses[start:start + size]
-            with self._autocast():
-                out[0].append(core.token_logprobs(self.network.policy_logits(part, length, temperature), tokens))
-                out[1].append(core.token_logprobs(self.network.reference_logits(part, length, temperature), tokens))
-                out[2].append(self.network.values(part, length))
-        return tuple(torch.cat(parts) for parts in out)
+    def forward_rollouts(self, batch: dict, tokens: torch.Tensor, mask: torch.Tensor, reference: bool):
+        """(actor log-probs, entropy, reference log-probs or None, values or None), all (B, R), a minibatch at a
+        time, each trimmed to its own longest row."""
+        temperature, size = self.ppo.temperature, self.args.per_device_train_batch_size
+        logprobs, entropy = torch.zeros_like(mask), torch.zeros_like(mask)
+        ref = torch.zeros_like(mask) if reference else None
+        values = torch.zeros_like(mask) if self.network.has_critic else None
+        for start in range(0, len(tokens), size):
+            rows = slice(start, start + size)
+            part, part_tokens, part_mask = trimmed(select(batch, rows), tokens[rows], mask[rows])
+            length = part_tokens.shape[1]
+            with self.network.autocast():
+                lp, ent = self.network.policy_token_stats(part, part_tokens, part_mask, temperature, "value")
+                logprobs[rows, :length], entropy[rows, :length] = lp, ent
+                if ref is not None:
+                    ref[rows, :length] = self.network.reference_logprobs(part, part_tokens, part_mask, temperature)
+                if values is not None:
+                    values[rows, :length] = self.network.values(part, length) * part_mask
+        return logprobs, entropy, ref, values
 
     def make_experience(self, indices: list[int]) -> tuple[Experience, dict, list[dict]]:
-        prompts = [self.prompts[i] for i in indices]
-        prompt_ids = [self.prompt_ids[i] for i in indices]
-        self.network.use("default")
-        self.rollouts.sync(self.network.policy, self.step)
-        responses = self.rollouts.generate_ids(prompt_ids, self.sampling)
-        scores, stats, replies = self.score(prompts, responses)
-        batch, tokens, mask = rollout_batch(prompt_ids, responses, self.tokenizer.pad_token_id, self.args.device)
-        logprobs, ref_logprobs, values = self._forward_in_chunks(batch, tokens.shape[1])
-        kl = core.kl_penalty(logprobs, ref_logprobs, self.ppo.kl_estimator) * mask
-        rewards = core.token_rewards(scores.to(kl.device), kl, self.kl.value, mask)
-        advantages, returns = core.gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
-        advantages = core.masked_whiten(advantages, mask)
-        stats.update(kl=kl.sum(-1).mean().item(), kl_coef=self.kl.value,
-                     non_score_reward=(-self.kl.value * kl).sum(-1).mean().item(),
-                     response_length=mask.sum(-1).mean().item(), value_mean=core.masked_mean(values, mask).item())
+        n = self.group_size
+        prompts = [self.prompts[i] for i in indices for _ in range(n)]  # a prompt's replies are consecutive rows
+        prompt_ids = [self.prompt_ids[i] for i in indices for _ in range(n)]
+        replies = self.sample(prompts, prompt_ids, self.sampling)
+        scores, valid, stats = self.score(replies)
+        batch, tokens, mask = rollout_batch(prompt_ids, replies.ids, self.tokenizer.pad_token_id, self.args.device)
+        mask = mask * valid.to(mask.device, mask.dtype)[:, None]  # replies no reward applies to do not train
+        scores = scores.to(mask.device)
+        logprobs, entropy, ref_logprobs, values = self.forward_rollouts(batch, tokens, mask, self.use_reference)
+        kl = core.kl_penalty(logprobs, ref_logprobs, self.ppo.kl_estimator) * mask if ref_logprobs is not None \
+            else torch.zeros_like(mask)
+        if self.step == 0 and self.network.critic_from_reward_model:
+            self.calibrate_value_head(values, scores, mask, valid.to(mask.device), stats["reward_std"])
+        estimator = self.ppo.advantage_estimator
+        advantages, returns = estimators.estimate(estimator, scores, kl, self.kl.value, mask, valid.to(mask.device),
+                                                  values, self.ppo.gamma, self.ppo.lam, n)
+        stats.update(entropy=core.masked_mean(entropy, mask).item(), response_length=mask.sum(-1).mean().item(),
+                     kl_coef=self.kl.value)
+        if ref_logprobs is not None:
+            stats.update(kl=kl.sum(-1).mean().item(), non_score_reward=(-self.kl.value * kl).sum(-1).mean().item())
+        if values is not None:
+            stats.update(value_mean=core.masked_mean(values, mask).item(),
+                         explained_variance=estimators.explained_variance(values, returns, mask))
+        if estimator in estimators.GROUP_ESTIMATORS:
+            flat = (advantages.abs().sum(-1).view(-1, n) == 0).all(-1)
+            stats["zero_advantage_groups"] = flat.double().mean().item()
+            if flat.any() and not self.warned_flat_groups and self.is_world_process_zero():
+                logger.warning(FLAT_GROUPS_EXPLAINED, int(flat.sum()), len(flat), n)
+                self.warned_flat_groups = True
         samples = [{"prompt": p.messages[-1].content, "response": r, "score": s}
-                   for p, r, s in zip(prompts, replies, scores.tolist())][: self.ppo.logged_samples]
-        return Experience(batch, tokens, mask, logprobs, values, advantages, returns), stats, samples
+                   for p, r, s in zip(prompts, replies.texts, scores.tolist())][: self.ppo.logged_samples]
+        kept_ref = ref_logprobs if estimator == "grpo" else None  # GRPO's KL is a loss term: needs them again
+        return Experience(batch, tokens, mask, logprobs, kept_ref, values, advantages, returns), stats, samples
+
+    @torch.no_grad()
+    def calibrate_value_head(self, values, scores, mask, valid, raw_std: float) -> None:
+        """Rescale a value head copied from the reward model to the shaped score's scale, once: it outputs raw
+        reward-model scores, the returns are weighted, normalised (and clipped, penalised) scores. Scale: the
+        reward model's weight over the normalisation's spread; shift: what makes the mean final value the mean
+        score of this first batch."""
+        weight = next(r.weight for r in self.rewards if r.name == "reward_model")
+        spread = {"none": 1.0, "batch": raw_std, "running": self.score_moments.std}[self.ppo.reward_normalization]
+        scale = weight / max(spread, 1e-6)
+        last = (mask.sum(-1).long() - 1).clamp(min=0)
+        final = values[torch.arange(len(values), device=values.device), last][valid]
+        shift = (scores[valid].mean() - scale * final.mean()).item() if valid.any() else 0.0
+        scale, shift = global_mean(torch.tensor([scale, shift])).tolist()  # every process's head stays the same
+        head = self.network.value_head
+        head.weight.mul_(scale)
+        head.bias.mul_(scale).add_(shift)
+        values.mul_(scale).add_(shift * mask)
+        logger.info("value head from the reward model rescaled to the score: x %.4f %+.4f", scale, shift)
 
     # ---------------------------------------------------------------------------------------- updates
 
-    def minibatch_loss(self, exp: Experience, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Backpropagate the policy and value losses of `rows`; return their numbers."""
-        part, length, mask = select(exp.batch, rows), exp.responses.shape[1], exp.mask[rows]
-        scale = 1 / self.args.gradient_accumulation_steps
-        with self._autocast():
-            logits = self.network.policy_logits(part, length, self.ppo.temperature)
-            logprobs = core.token_logprobs(logits, exp.responses[rows])
-            pg_loss, pg_stats = core.policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], mask,
-                                                 self.ppo.cliprange)
-            entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
-        ((pg_loss - self.ppo.entropy_coef * entropy) * scale).backward()
-        with self._autocast():
-            values = self.network.values(part, length)
-            vf_loss, vf_clipfrac = core.value_loss(values, exp.values[rows], exp.returns[rows], mask,
-                                                   self.ppo.cliprange_value)
-        (self.ppo.vf_coef * vf_loss * scale).backward()
-        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.entropy_coef * entropy
-        return {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                "entropy": entropy.detach(), "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"],
-                "value_clipfrac": vf_clipfrac}
+    def minibatch_loss(self, part: Experience, scale: float, train_actor: bool) -> dict[str, torch.Tensor]:
+        """Backpropagate the policy and value losses of one minibatch (x `scale`); return their numbers. Each
+        role's backward runs right after its forward: activation checkpointing recomputes with its adapter."""
+        out: dict[str, torch.Tensor] = {}
+        mask, ppo = part.mask, self.ppo
+        if train_actor:
+            with self.network.autocast():
+                logprobs, entropy = self.network.policy_token_stats(
+                    part.batch, part.responses, mask, ppo.temperature, "grad" if ppo.entropy_coef else "none")
+                pg_loss, pg_stats = core.policy_loss(logprobs, part.logprobs, part.advantages, mask, ppo.cliprange)
+                loss = pg_loss
+                if ppo.entropy_coef:
+                    out["entropy_bonus"] = core.masked_mean(entropy, mask)
+                    loss = loss - ppo.entropy_coef * out["entropy_bonus"]
+                if part.ref_logprobs is not None:
+                    out["kl_loss"] = core.kl_loss(logprobs, part.ref_logprobs, mask)
+                    loss = loss + self.kl.value * out["kl_loss"]
+            (loss * scale).backward()
+            out.update(loss=loss, policy_loss=pg_loss, **pg_stats)
+        if self.network.has_critic:
+            with self.network.autocast():
+                values = self.network.values(part.batch, part.responses.shape[1])
+                vf_loss, vf_clipfrac = core.value_loss(values, part.values, part.returns, mask, ppo.cliprange_value)
+            (ppo.vf_coef * vf_loss * scale).backward()
+            out.update(value_loss=vf_loss, value_clipfrac=vf_clipfrac)
+            out["loss"] = out.get("loss", 0.0) + ppo.vf_coef * vf_loss
+        return {key: value.detach() for key, value in out.items()}
 
-    def optimizer_step(self) -> None:
-        average_gradients(self.network.trainable)
-        if self.args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.network.trainable, self.args.max_grad_norm)
-        self.optimizer.step()
+    def optimizer_step(self, train_actor: bool) -> None:
+        groups = self.optimizer.param_groups if train_actor else self.optimizer.param_groups[1:]
+        for group in groups:  # the actor and the critic each get their own gradient-norm clipping
+            average_gradients(group["params"])
+            if self.args.max_grad_norm:
+                clip_grad_norm(group["params"], self.args.max_grad_norm)
+        self.optimizer.step()  # parameters without a gradient (the actor during critic warm-up) stay as they are
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def update(self, exp: Experience) -> dict[str, float]:
-        size, rows = self.args.per_device_train_batch_size, len(exp.responses)
+    def update(self, exp: Experience, train_actor: bool = True) -> dict[str, float]:
+        """`ppo_epochs` passes of minibatches of per_device_train_batch_size rollouts; an optimizer step per
+        gradient_accumulation_steps minibatches, each weighted 1 / (minibatches in its group): a group cut
+        short at the end of the pass counts as much as a full one."""
+        size, accumulation = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
         totals: dict[str, float] = {}
         count = 0
         for _ in range(self.ppo.ppo_epochs):
-            order = torch.randperm(rows)
-            for index, start in enumerate(range(0, rows, size)):
-                for key, value in self.minibatch_loss(exp, order[start:start + size].to(exp.mask.device)).items():
-                    totals[key] = totals.get(key, 0.0) + value.item()
-                count += 1
-                if (index + 1) % self.args.gradient_accumulation_steps == 0 or start + size >= rows:
-                    self.optimizer_step()
+            order = torch.randperm(len(exp.responses)).to(exp.mask.device)
+            minibatches = [order[start:start + size] for start in range(0, len(order), size)]
+            for first in range(0, len(minibatches), accumulation):
+                group = minibatches[first:first + accumulation]
+                for rows in group:
+                    for key, value in self.minibatch_loss(exp.minibatch(rows), 1 / len(group), train_actor).items():
+                        totals[key] = totals.get(key, 0.0) + value.item()
+                    count += 1
+                self.optimizer_step(train_actor)
         return {key: value / count for key, value in totals.items()}
 
     def train_step(self) -> tuple[dict[str, float], list[dict]]:
-        self.network.policy.train()
+        self.network.train()
         exp, stats, samples = self.make_experience(self.batch_indices(self.step + 1))
-        stats.update(self.update(exp))
+        train_actor = self.step >= self.ppo.critic_warmup_steps
+        stats.update(self.update(exp, train_actor))
         self.step += 1
         names = sorted(stats)
         means = global_mean(torch.tensor([stats[n] for n in names], dtype=torch.float64)).tolist()
         stats = dict(zip(names, means))
-        self.kl.update(stats["kl"], self.ppo.rollout_batch_size * world_size())
+        if train_actor and "kl" in stats:  # the coefficient follows the actor's KL, not a frozen actor's
+            self.kl.update(stats["kl"], self.ppo.rollout_batch_size * self.group_size * world_size())
         stats["learning_rate"] = self.scheduler.get_last_lr()[0]
         return stats, samples
 
@@ -282,31 +286,38 @@ class PPOTrainer:
         from transformers import TrainerState
 
         if resume:
-            self.load_checkpoint(resume)
+            load_checkpoint(self, resume)
         state = TrainerState(global_step=self.step, is_world_process_zero=self.is_world_process_zero())
         writer = MetricsWriter(self.output / METRICS_FILE)
         writer.on_train_begin(self.args, state, None)  # drops rows an interrupted run logged after `step`
         self._trim_rollouts()
+        if self.heldout is not None:
+            self.heldout.begin(writer, state)
         totals: dict[str, float] = {}
         steps_run = 0
         while self.step < self.max_steps:
             stats, samples = self.train_step()
             steps_run += 1
             state.global_step, state.epoch = self.step, self.step / max(self.batches_per_pass, 1)
+            if self.heldout is not None and (self.step % self.args.eval_steps == 0 or self.step == self.max_steps):
+                stats.update(self.heldout.evaluate())
             writer.on_log(self.args, state, None, logs=stats)
             self._log_samples(samples)
             for key in ("reward", "kl", "response_length"):
-                totals[key] = totals.get(key, 0.0) + stats[key]
+                if key in stats:
+                    totals[key] = totals.get(key, 0.0) + stats[key]
             if self.step % max(self.args.logging_steps, 1) == 0 or self.step == self.max_steps:
-                logger.info("ppo step %d/%d: reward %.3f  kl %.3f  entropy %.3f  policy_loss %.4f  value_loss %.4f  "
-                            "clipfrac %.3f  length %.1f", self.step, self.max_steps, stats["reward"], stats["kl"],
-                            stats["entropy"], stats["policy_loss"], stats["value_loss"], stats["clipfrac"],
-                            stats["response_length"])
+                logger.info("rl step %d/%d: %s", self.step, self.max_steps, "  ".join(
+                    f"{k} {stats[k]:.4g}" for k in ("reward", "kl", "entropy", "policy_loss", "value_loss",
+                                                    "explained_variance", "clipfrac", "response_length") if k in stats))
             if self.args.save_strategy == "steps" and self.step % self.args.save_steps == 0:
-                self.save_checkpoint()
+                save_checkpoint(self)
         check_in_sync(self.network.trainable)
-        return {"global_step": self.step, "world_size": world_size(),
-                **{f"train_{key}": value / max(steps_run, 1) for key, value in totals.items()}}
+        results = {"global_step": self.step, "world_size": world_size(),
+                   **{f"train_{key}": value / max(steps_run, 1) for key, value in totals.items()}}
+        if self.heldout is not None:
+            results.update(self.heldout.final())
+        return results
 
     def _log_samples(self, samples: list[dict]) -> None:
         if self.is_world_process_zero() and samples:
@@ -320,55 +331,3 @@ class PPOTrainer:
             rows = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
             path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
-
-    # ---------------------------------------------------------------------------------------- checkpoints
-
-    def save_checkpoint(self) -> Path:
-        """checkpoint-N: trainable weights, optimizer, scheduler, KL and score state, every process's RNG; the
-        completion marker is written last, so a checkpoint cut short is never resumed from."""
-        path = self.output / f"checkpoint-{self.step}"
-        if self.is_world_process_zero():
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True)
-            save_file(self.network.trainable_state(), str(path / WEIGHTS_FILE))
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
-            moments = self.score_moments
-            state = {"step": self.step, "kl_controller": self.kl.state_dict(),
-                     "score_moments": {"mean": moments.mean, "var": moments.var, "count": moments.count}}
-            (path / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-        self.accelerator.wait_for_everyone()
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   path / f"rng_state_{rank()}.pth")
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            (path / COMPLETE).write_text(json.dumps({"global_step": self.step}), encoding="utf-8")
-            self._rotate_checkpoints()
-        return path
-
-    def _rotate_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        complete = [path for _, path, done in checkpoints(self.output) if done]
-        for path in complete[: max(len(complete) - limit, 0)] if limit else []:
-            shutil.rmtree(path, ignore_errors=True)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        self.network.load_trainable_state(load_file(str(path / WEIGHTS_FILE)))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        self.step = state["step"]
-        self.kl.load_state_dict(state["kl_controller"])
-        self.score_moments = core.RunningMoments(**state["score_moments"])
-        rng_file = path / f"rng_state_{rank()}.pth"
-        if not rng_file.is_file():
-            raise ValueError(f"{path} has no {rng_file.name}: resume with as many processes as the run had")
-        rng = torch.load(rng_file, weights_only=False)  # our own file: python/numpy RNG states are pickled
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        logger.info("resumed PPO at step %d from %s", self.step, path)

@@ -35,16 +35,6 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(values - mean) / std over the masked positions; with shift_mean=False the mean is added back (only the
-    scale changes), the convention for rewards. Padding stays 0."""
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
 # ------------------------------------------------------------------------------------------------ rewards
 
 
@@ -155,26 +145,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+               cliprange_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 * mean(max((V - R)^2, (V_clip - R)^2)), V_clip = V_old + clip(V - V_old, +-eps):
-    the critic may not move further than eps from its rollout-time estimate in one batch. Returns (loss,
-    fraction of tokens where the clipped term was the larger)."""
+    the critic may not move further than eps from its rollout-time estimate in one batch; eps None: plain
+    0.5 * mean((V - R)^2). Returns (loss, fraction of tokens where the clipped term was the larger)."""
+    unclipped_error = (values - returns) ** 2
+    if cliprange_value is None:
+        return 0.5 * masked_mean(unclipped_error, mask), torch.zeros((), device=values.device)
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    clipped_error = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
     return loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach()
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax over the last dimension: logsumexp(z) - sum softmax(z) z."""
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(-1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position: (B, T, V), (B, T) -> (B, T), in fp32."""
-    logits = logits.float()
-    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term: the mean over tokens of k3 = (r - 1) - log r, r = ref / pi, with gradients through pi
+    (k3 rather than k1: the gradient of k1 on the policy's own samples is zero in expectation)."""
+    return masked_mean(kl_penalty(logprobs, ref_logprobs.detach(), "k3"), mask)
 
 
 # ------------------------------------------------------------------------------------------------ KL control

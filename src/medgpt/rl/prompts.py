@@ -14,6 +14,7 @@ Reading goes through `medgpt.data.readers`, so a bad record fails with its file:
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -106,3 +107,37 @@ def prompt_batches(prompts: list, batch_size: int, seed: int, epoch: int) -> lis
     order = list(range(len(prompts)))
     random.Random(seed + epoch).shuffle(order)
     return [[prompts[i] for i in order[s:s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def fit_prompt(chat, prompt: Prompt, limit: int) -> tuple[list[int], str | None]:
+    """The prompt's ids in at most `limit` tokens, and how it was cut (None, "turns" or "question").
+
+    First the oldest turns go (a system turn stays, and the rest still starts with a user turn); if the last
+    question alone is too long, its text loses its beginning while the template's header (system turn, role
+    tags, tool definitions) and the assistant header stay: cutting raw ids from the left would drop the header
+    and leave a prompt the model never saw in training.
+    """
+    messages, tools = prompt.messages, prompt.tools
+    ids = chat.prompt_ids(messages, tools)
+    if len(ids) <= limit:
+        return ids, None
+    system = messages[:1] if messages[0].role == "system" else []
+    rest = messages[len(system):]
+    while len(rest) > 1:
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0].role != "user":
+            rest = rest[1:]
+        ids = chat.prompt_ids(system + rest, tools)
+        if len(ids) <= limit:
+            return ids, "turns"
+    marker = "\u2063medgpt-question\u2063"
+    last = rest[-1]
+    text = chat.render([*system, *rest[:-1], Message(last.role, marker)], tools, add_generation_prompt=True)
+    before, _, after = text.partition(marker)
+    encode = functools.partial(chat.tokenizer.encode, add_special_tokens=False)
+    head, tail, question = encode(before), encode(after), encode(last.content)
+    budget = limit - len(head) - len(tail)
+    if budget <= 0:
+        raise ValueError(f"{prompt.source}: max_prompt_length {limit} leaves no room for the question after the "
+                         f"template's header and system turn ({len(head) + len(tail)} tokens): raise it")
+    return head + question[-budget:] + tail, "question"

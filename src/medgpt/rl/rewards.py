@@ -1,4 +1,4 @@
-"""Reward functions for GRPO and RLOO, each with TRL's signature `f(prompts, completions, completion_ids,
+"""Rule rewards of the RL stages (ppo, grpo, rloo), each with TRL's signature `f(prompts, completions, completion_ids,
 **columns) -> list[float | None]`, combined by TRL as the weighted sum `reward_weights` · rewards.
 
 | name             | what it scores                                                                      | range  |
@@ -8,7 +8,10 @@
 | `choice_match`   | the option letter the answer picks equals the reference letter (MCQ rows only)      | 0 or 1 |
 | `format_reward`  | the whole completion matches `format_pattern` (default <think>…</think><answer>…)   | 0 or 1 |
 | `length_penalty` | 0 up to `length_penalty_start` tokens, then down linearly to -1 at the length limit | -1 … 0 |
-| `reward_model`   | the trained reward model's score of prompt + completion (`RewardModelReward`)       | any    |
+| `reward_model`   | the trained reward model's score of prompt + reply (`medgpt.rl.reward_adapter`)     | any    |
+
+Negation: a term after "not", "no", "never", "without", 不, 没, 无 … (to the end of its clause) counts as a different
+term, so "not the liver" scores 0 against "the liver" instead of 0.67.
 
 Why key terms: MedicalGPT's sample GRPO data has free-text medical answers ("The liver", "60 to 100 beats per
 minute") while its accuracy reward parses LaTeX math, so almost every completion scores 0 and GRPO has nothing to
@@ -18,8 +21,8 @@ F1 also punishes padding the answer with unrelated words; recall only asks that 
 mentioned (pair it with `length_penalty`). When a completion has an `<answer>…</answer>` block (or a closing
 `</think>`), only the answer part is scored.
 
-A reward returns None for a row it does not apply to (no reference, or a free-text row for `choice_match`): TRL
-leaves it out of that function's mean and a row for which every function says None gets no advantage.
+A reward returns None for a row it does not apply to (no reference, or a free-text row for `choice_match`): the RL
+loop leaves it out of that function's mean, and a row for which every function says None does not train.
 Rows carry the dataset's columns (`reference`, `reference_kind`, `conversation`, see `medgpt.rl.trl_prompts`).
 """
 
@@ -33,17 +36,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from medgpt.data.records import Message
 from medgpt.evaluation.choices import answer_letters
 
 DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
-# Function words that carry no medical content. Negations ("no", "not") are kept: they flip a medical answer.
+# Function words that carry no medical content. Negations ("no", "not") are not among them: they flip a medical
+# answer, so they mark the terms that follow (see key_terms).
 STOPWORDS = frozenset("""a an the of and or is are was were be been being to in on at for with by from as it its
 this that these those which what who whom whose when where how why than then there their they them he she his her
 you your we our i me my do does did can could may might should would will shall also very per about into over
 under such any each other more most some usually often typically""".split())
 CHINESE_FUNCTION_CHARACTERS = frozenset("的了是和在与及或也就都而其之吗呢吧啊")
-TERM = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff]")
+PIECE = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff]|[,.;:!?，。；：！？、\n]")  # terms and clause marks
+NEGATIONS = frozenset("not no never without neither nor".split()) | frozenset("不没无未勿非")
+CLAUSE_BREAKS = frozenset(",.;:!?，。；：！？、\n") | frozenset("but however although though yet 但 而 却".split())
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 # ------------------------------------------------------------------------------------------------ text
@@ -65,14 +70,30 @@ def answer_part(text: str) -> str:
 
 
 def key_terms(text: str) -> list[str]:
-    """Lower-cased content words and numbers (a final plural s dropped) and single Chinese characters."""
-    terms = []
-    for term in TERM.findall(unicodedata.normalize("NFKC", text).lower()):
-        if term in STOPWORDS or term in CHINESE_FUNCTION_CHARACTERS:
+    """Lower-cased content words and numbers (a final plural s dropped) and single Chinese characters; a term in
+    the scope of a negation (from "not", "no", "never", "without", 不, 没, 无 … to the end of its clause) is
+    marked "¬term", so "not the liver" shares no term with "the liver"."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"n't\b", " not", text).replace("cannot", "can not").replace("非常", "")  # 非常 = "very"
+    terms: list[str] = []
+    negated = cue_only = False
+    for piece in PIECE.findall(text):
+        if piece in CLAUSE_BREAKS:
+            if cue_only:  # a bare negation ("No." / "not") still says something
+                terms.append("not")
+            negated = cue_only = False
             continue
-        if len(term) > 3 and term.endswith("s") and not term.endswith("ss"):
-            term = term[:-1]
-        terms.append(term)
+        if piece in NEGATIONS:
+            negated = cue_only = True
+            continue
+        if piece in STOPWORDS or piece in CHINESE_FUNCTION_CHARACTERS:
+            continue
+        if len(piece) > 3 and piece.endswith("s") and not piece.endswith("ss"):
+            piece = piece[:-1]
+        terms.append("¬" + piece if negated else piece)
+        cue_only = False
+    if cue_only:
+        terms.append("not")
     return terms
 
 
@@ -145,26 +166,6 @@ def length_penalty(completion_ids, start: int, limit: int, **kwargs) -> list[flo
     """0 for completions of at most `start` tokens, then falling linearly to -1 at `limit` tokens."""
     span = max(limit - start, 1)
     return [-min(1.0, max(0, len(ids) - start) / span) for ids in completion_ids]
-
-
-class RewardModelReward:
-    """The trained reward model as a reward function: it scores each prompt (the row's exact conversation,
-    tools included) followed by the completion as the assistant reply, rendered by the reward model's template."""
-
-    __name__ = "reward_model"  # TRL names the reward's metrics after it: rewards/reward_model/mean
-
-    def __init__(self, scorer):
-        self.scorer = scorer  # medgpt.models.reward.RewardModelScorer
-
-    def __call__(self, completions, conversation, **kwargs) -> list[float]:
-        from medgpt.rl.trl_prompts import decode_conversation
-
-        dialogues, tools = [], []
-        for encoded, completion in zip(conversation, completions, strict=True):
-            messages, row_tools = decode_conversation(encoded)
-            dialogues.append([*messages, Message("assistant", completion_text(completion))])
-            tools.append(row_tools)
-        return self.scorer.score(dialogues, tools)
 
 
 # ------------------------------------------------------------------------------------------------ choosing

@@ -8,7 +8,8 @@ end-of-turn token when the model stopped, and has none when it hit `max_new_toke
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+from typing import Callable, ContextManager, Protocol
 
 from medgpt.serve.engine import GenerationEngine, SamplingParams
 
@@ -29,18 +30,24 @@ def cut_at_stop(new_ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 class EngineRollouts:
-    """HF `generate` on the policy being trained (no copy, no sync), batched and left-padded by the engine."""
+    """HF `generate` on the policy being trained (no copy, no sync), batched and left-padded by the engine.
 
-    def __init__(self, engine: GenerationEngine, batch_size: int):
+    `context()` is entered around each generation: the policy's autocast (fp32 trainable weights on a bf16
+    backbone), and under FSDP2 the gathered weights (`medgpt.rl.sharding.gathered`)."""
+
+    def __init__(self, engine: GenerationEngine, batch_size: int,
+                 context: Callable[[], ContextManager] = contextlib.nullcontext):
         self.engine = engine
         self.batch_size = batch_size
+        self.context = context
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         engine = self.engine
         stop_ids = set(engine.chat_format.stop_token_ids())
         was_training = engine.model.training
         engine.model.eval()  # keeps the KV cache on under gradient checkpointing
-        rows = engine.generate_rows(prompts, params, self.batch_size)
+        with self.context():
+            rows = engine.generate_rows(prompts, params, self.batch_size)
         engine.model.train(was_training)
         return [cut_at_stop(row, stop_ids) for row in rows]
 
