@@ -149,7 +149,8 @@ def _deepspeed_on_cpu(args) -> None:
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     AcceleratorState._reset_state(reset_partial_state=True)  # the torch process group stays; DeepSpeed reuses it
     PartialState(backend="gloo", timeout=args.ddp_timeout_delta)
-    args.use_cpu = False
+    if args.use_cpu:  # still the CPU: DeepSpeed's CPU accelerator; accelerate skips DeepSpeed while the flag is on
+        args.use_cpu = False
     args.accelerator_config.use_configured_state = True
     args.__dict__.pop("_setup_devices", None)  # a cached_property: the device and world size are read again
     if args.process_index == 0:
