@@ -303,3 +303,13 @@ def test_yaml_yes_and_no_stay_words_booleans_still_read_them(tmp_path):
     path.write_text("use_peft: no\nresume_from_checkpoint: yes\nreport_to: none\n")
     config = load_config(SFT, path, [f"{k}={v}" for k, v in BASE.items()])
     assert config.adapter.use_peft is False and config.training.resume_from_checkpoint == "auto"
+
+
+def test_trl_grpo_option_names_point_to_ours():
+    from medgpt.stages import get_stage
+
+    with pytest.raises(ConfigError) as err:
+        build_config(get_stage("grpo"), {**BASE, "num_generations": 4, "beta": 0.1})
+    message = str(err.value)
+    assert "num_generations (grpo calls it num_samples_per_prompt)" in message
+    assert "not grpo; grpo calls it kl_coef)" in message

@@ -48,6 +48,10 @@ REMOVED_UPSTREAM = {
 }
 # The same idea under another stage's name: `max_length` given to PT means its block_size.
 STAGE_EQUIVALENTS = {("pt", "max_length"): "block_size", ("sft", "block_size"): "max_length"}
+# TRL's GRPOConfig / RLOOConfig names (MedicalGPT's GRPO script): `medgpt grpo` / `rloo` run our RL loop.
+STAGE_EQUIVALENTS.update({(stage, trl): ours for stage in ("grpo", "rloo") for trl, ours in (
+    ("num_generations", "num_samples_per_prompt"), ("beta", "kl_coef"), ("max_completion_length", "max_new_tokens"),
+    ("epsilon", "cliprange"), ("num_iterations", "ppo_epochs"))})
 ANY_STAGE = "*"
 # Options a stage accepts only at the value it always runs with: any other value is refused with the reason
 # (an accepted option without effect is a bug). {option: {stage or ANY_STAGE: (the value it runs with, why)}}.
@@ -243,6 +247,8 @@ def _unknown_hint(stage, key: str, known: list[str]) -> str:
         hint = f"{also}an option of stage {', '.join(owners)}, not {stage.name}"
         equivalent = STAGE_EQUIVALENTS.get((stage.name, key))
         return hint + (f"; {stage.name} calls it {equivalent}" if equivalent else "")
+    if (stage.name, key) in STAGE_EQUIVALENTS:
+        return f"{stage.name} calls it {STAGE_EQUIVALENTS[stage.name, key]}"
     close = difflib.get_close_matches(key, known + list(ALIASES), n=3, cutoff=0.6)
     return f"did you mean: {', '.join(close)}?" if close else "no such option"
 
