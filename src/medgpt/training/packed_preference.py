@@ -82,7 +82,7 @@ class PackedScoring:
         tokens = per_sequence(torch.ones_like(scores.logps), scores.sequence, count)
         entropy = per_sequence(scores.entropy, scores.sequence, count)
         logit = per_sequence(scores.mean_logit, scores.sequence, count)
-        top1 = per_sequence(scores.is_top1.float(), scores.sequence, count)
+        top1 = per_sequence(scores.is_top1.float(), scores.sequence, count) if paired else tokens
         sums = torch.stack([entropy.sum(), tokens.sum(), logit[chosen].sum(), tokens[chosen].sum(),
                             logit[~chosen].sum(), tokens[~chosen].sum(), top1[chosen].sum()])
         total = self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
