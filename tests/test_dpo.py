@@ -457,7 +457,11 @@ def test_simpo_gamma_reaches_the_trainer_and_is_refused_for_other_losses(options
     ("orpo", {"loss_type": "ipo"}, "own loss"),
     ("orpo", {"ld_alpha": 0.5}, "reference-free"),
     ("dpo", {"use_peft": False, "peft_path": "x"}, "merge it first"),
-], ids=["orpo-as-loss", "simpo-mixed", "simpo-precompute", "orpo-loss-type", "orpo-ld-alpha", "full-from-adapter"])
+    ("dpo", {"padding_free": True}, "packing: true"),
+    ("orpo", {"pad_to_multiple_of": 8}, "pad_to_multiple_of"),
+    ("dpo", {"truncation_mode": "keep_start"}, "cuts the prompt from the left"),
+], ids=["orpo-as-loss", "simpo-mixed", "simpo-precompute", "orpo-loss-type", "orpo-ld-alpha", "full-from-adapter",
+        "padding-free", "pad-multiple", "truncation-mode"])
 def test_options_that_would_do_nothing_are_refused_before_loading(options, stage, bad, match, monkeypatch):
     monkeypatch.setattr(dpo, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer"))
     with pytest.raises(ConfigError, match=match):

@@ -143,6 +143,8 @@ def test_batch_of_one_is_refused_before_any_model_loads(options, monkeypatch):
         run_kto({**options, "per_device_train_batch_size": 1})
     with pytest.raises(ConfigError, match="sequential"):
         run_kto({**options, "train_sampling_strategy": "random"})
+    with pytest.raises(ConfigError, match="pad_to_multiple_of"):  # our collator batches: TRL's option would do nothing
+        run_kto({**options, "pad_to_multiple_of": 8})
 
 
 PARITY_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",

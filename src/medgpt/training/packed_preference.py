@@ -108,7 +108,9 @@ class PackingArguments:
         """Padding-free batches: every sequence of a batch (each pair's chosen and rejected, each KTO example and
         its mismatched KL pair) is concatenated into one row with per-sequence position ids, so no compute is
         spent on padding and sequences never attend to each other (SDPA per sequence, or flash-attention's
-        varlen). false pads every sequence to the batch's longest, as TRL does; the values are the same.""",
+        varlen). false pads every sequence to the batch's longest, as TRL does; the values are the same.
+        TRL's own padding_free, pad_to_multiple_of and truncation_mode are refused in these stages (medgpt
+        batches and truncates the sequences itself, counts in train_results.json).""",
         default=True,
     )
 
