@@ -529,6 +529,24 @@ def test_dpo_adapter_merges_into_the_base_with_the_same_logits(options, tiny_mod
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)
 
 
+def test_two_processes_with_two_pairs_each_train_as_one_process_with_four(options, tmp_path):
+    from test_rm import torchrun_stage
+
+    run = {**options, "max_steps": 2, "bf16": False, "learning_rate": 1e-2, "seed": 3}
+    torchrun_stage("dpo", {**run, "output_dir": tmp_path / "dp", "per_device_train_batch_size": 2}, tmp_path)
+    run_stage("dpo", {**run, "output_dir": str(tmp_path / "one"), "per_device_train_batch_size": 4})
+    saved = json.loads((tmp_path / "dp" / "train_results.json").read_text())
+    assert saved["world_size"] == 2 and saved["global_step"] == 2
+    # the packed rows of both ranks together are the single process's batch: same gradients, same adapter
+    a, b = load_file(str(tmp_path / "dp" / "adapter_model.safetensors")), load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    start = {k: v for k, v in a.items() if "lora_B" in k}
+    assert any(v.abs().sum() > 0 for v in start.values())  # it trained
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    two, one = logged(tmp_path / "dp", "rewards/margins"), logged(tmp_path / "one", "rewards/margins")
+    assert two[2] == pytest.approx(one[2], abs=1e-5)  # metrics gathered over both ranks
+
+
 # ------------------------------------------------------------------------------------------------ embedded
 
 

@@ -436,21 +436,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_cpu_processes_train_the_rm_and_gather_eval_metrics_over_both(rm_options, tmp_path):
-    out = tmp_path / "dp"
-    script = tmp_path / "launch.py"  # the rm stage is not in STAGE_MODULES yet: register it, then run the CLI
-    script.write_text("import sys, medgpt.stages.rm\nfrom medgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+def torchrun_stage(stage: str, options: dict, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`medgpt STAGE` under torchrun with 2 CPU processes (gloo), options as key=value."""
+    script = tmp_path / "launch.py"  # the stage may not be in STAGE_MODULES yet: register it, then run the CLI
+    script.write_text(f"import sys, medgpt.stages.{stage}\nfrom medgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "MEDGPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(script), "rm",
-               *[f"{k}={v}" for k, v in rm_options.items() if k != "output_dir"], f"output_dir={out}",
-               "validation_file_dir=" + rm_options["train_file_dir"], "max_eval_samples=5",
-               "per_device_eval_batch_size=2", "bf16=false"]  # fp32: compared exactly with the scorer below
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+               "--master_port", str(_free_port()), str(script), stage, *[f"{k}={v}" for k, v in options.items()], *extra]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return done
+
+
+def test_torchrun_two_cpu_processes_train_the_rm_and_gather_eval_metrics_over_both(rm_options, tmp_path):
+    out = tmp_path / "dp"
+    torchrun_stage("rm", {**rm_options, "output_dir": out}, tmp_path,
+                   "validation_file_dir=" + rm_options["train_file_dir"], "max_eval_samples=5",
+                   "per_device_eval_batch_size=2", "bf16=false")  # fp32: compared exactly with the scorer below
     saved = results(out)
     assert saved["world_size"] == 2 and saved["global_step"] == 2
     # 5 eval pairs over 2 ranks (3 + 3 with one repeated): the metrics cover exactly the 5, from both ranks
