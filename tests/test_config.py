@@ -97,6 +97,7 @@ def test_precision_is_chosen_from_the_hardware_on_cpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("medgpt.hardware.cpu_bf16", lambda: "none")  # a CPU without bf16 units: tests/test_precision.py
     for stage in (SFT, DPO, PT):  # TRL configs default bf16=None, which would raise on CPU
         config = build_config(stage, BASE)
         assert config.training.bf16 is False and config.training.fp16 is False

@@ -98,7 +98,8 @@ def test_perplexity_is_exp_of_the_token_weighted_hf_loss_of_each_document_alone(
 
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
-    metrics = evaluate_model(str(tiny_model_dir), EvalSpec(perplexity_file=str(held_out), max_length=40, batch_size=2))
+    metrics = evaluate_model(str(tiny_model_dir), EvalSpec(perplexity_file=str(held_out), max_length=40, batch_size=2,
+                                                             torch_dtype="fp32"))  # exact: auto is bf16 on bf16 CPUs
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     expected, tokens = hand_perplexity(model, tokenizer, TEXTS, 40)
     assert metrics["perplexity_tokens"] == tokens and metrics["perplexity_docs"] == 3
@@ -119,7 +120,7 @@ def test_an_adapter_directory_is_evaluated_on_its_base(tiny_model_dir, tokenizer
     model.save_pretrained(tmp_path / "adapter")
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
-    spec = EvalSpec(perplexity_file=str(held_out), max_length=64)
+    spec = EvalSpec(perplexity_file=str(held_out), max_length=64, torch_dtype="fp32")  # exact (auto: bf16 on bf16 CPUs)
     got = evaluate_model(str(tmp_path / "adapter"), spec)["perplexity"]
     expected, _ = hand_perplexity(model.eval(), tokenizer, TEXTS, 64)
     assert got == pytest.approx(expected, rel=1e-5)
@@ -133,7 +134,8 @@ def test_mcq_picks_the_option_with_the_best_log_likelihood_per_reply_token(tiny_
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "eval"
-    spec = EvalSpec(mcq_file=str(write_jsonl(tmp_path / "mcq.jsonl", MCQS)), batch_size=3)
+    spec = EvalSpec(mcq_file=str(write_jsonl(tmp_path / "mcq.jsonl", MCQS)), batch_size=3,
+                    torch_dtype="fp32")  # compared with fp32 likelihoods (auto: bf16 on bf16 CPUs)
     metrics = evaluate_model(str(tiny_model_dir), spec, out)
     rows = [json.loads(line) for line in (out / "mcq.jsonl").read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

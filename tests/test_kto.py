@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import medgpt.stages.kto as kto_stage
-from medgpt.config import ConfigError, build_config
+from medgpt.config import ConfigError, bf16_default, build_config
 from medgpt.data.preference import pairs_to_kto
 from medgpt.data.readers import read_records
 from medgpt.report import read_metrics
@@ -126,13 +126,13 @@ def test_kto_config_options_reach_the_trainer(options, monkeypatch):
     assert trainer.loss_type == "kto" and trainer.calculate_KL
     assert trainer.args.learning_rate == 2e-4 and trainer.args.num_train_epochs == 2
     assert trainer.args.max_length == 128
-    assert not trainer.args.bf16 or torch.cuda.is_available()  # precision follows the hardware, not TRL's default
+    assert trainer.args.bf16 is bf16_default()  # precision follows the hardware, not TRL's default
     assert not trainer.args.activation_checkpointing  # TRL turns it on by default; our default is off
 
 
 def test_precision_and_checkpointing_defaults_follow_medgpt_not_trl(options):
     config = build_config(get_stage("kto"), options)
-    assert config.training.bf16 == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config.training.bf16 is bf16_default()
     config = build_config(get_stage("kto"), {**options, "gradient_checkpointing": True})
     assert config.training.activation_checkpointing and config.model.gradient_checkpointing
 
@@ -143,6 +143,77 @@ def test_batch_of_one_is_refused_before_any_model_loads(options, monkeypatch):
         run_kto({**options, "per_device_train_batch_size": 1})
     with pytest.raises(ConfigError, match="sequential"):
         run_kto({**options, "train_sampling_strategy": "random"})
+    with pytest.raises(ConfigError, match="pad_to_multiple_of"):  # our collator batches: TRL's option would do nothing
+        run_kto({**options, "pad_to_multiple_of": 8})
+
+
+PARITY_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                  "entropy", "logits/chosen", "logits/rejected", "num_tokens")
+
+
+def kto_trainer(options: dict):
+    seen = {}
+    original = kto_stage.train_and_save
+    kto_stage.train_and_save = lambda trainer, *a, **k: seen.setdefault("trainer", trainer) and {}
+    try:
+        run_kto(options)
+    finally:
+        kto_stage.train_and_save = original
+    return seen["trainer"]
+
+
+def loss_grads_metrics(trainer, compute, batch):
+    model = trainer.model
+    model.zero_grad()
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0
+    loss = compute(trainer, model, batch, False)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_loss_gradients_and_metrics_equal_trls_kto_trainer(options, loss_type):
+    from trl import KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    trainer = kto_trainer({**options, "bf16": False, "loss_type": loss_type, "desirable_weight": 1.3})
+    torch.manual_seed(1)
+    with torch.no_grad():  # a new adapter equals its reference: move the policy away from it
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer.model.train()
+    features = [trainer.train_dataset[i] for i in range(4)]
+    assert {f["label"] for f in features} == {True, False}  # both kinds of loss term are compared
+    packed = trainer.data_collator(features)
+    assert packed["input_ids"].shape[0] == 1 and ("KL_input_ids" in packed) == (loss_type == "kto")
+    padded = DataCollatorForUnpairedPreference(pad_token_id=trainer.processing_class.pad_token_id)(features)
+    ours = loss_grads_metrics(trainer, type(trainer)._compute_loss, packed)
+    theirs = loss_grads_metrics(trainer, KTOTrainer._compute_loss, padded)
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-4, abs=1e-6)
+    assert any(g.abs().sum() > 0 for g in theirs[1].values())
+    for name, grad in theirs[1].items():
+        assert torch.allclose(ours[1][name], grad, rtol=1e-3, atol=1e-6), name
+    assert set(ours[2]) == set(theirs[2])
+    for key in PARITY_METRICS:
+        if key in theirs[2]:
+            assert ours[2][key] == pytest.approx(theirs[2][key], rel=1e-4, abs=1e-5), key
+    ref_ours = trainer.compute_ref_log_probs(trainer.model, packed)
+    ref_theirs = KTOTrainer.compute_ref_log_probs(trainer, trainer.model, padded)
+    for a, b in zip(ref_ours, ref_theirs):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-5, atol=1e-4))
+
+
+def test_precomputed_reference_log_probs_come_from_the_packed_scoring(options):
+    trainer = kto_trainer({**options, "bf16": False, "use_peft": False, "precompute_ref_log_probs": True})
+    assert trainer.ref_model is None and {"ref_logps", "ref_KL_logps"} <= set(trainer.train_dataset.column_names)
+    features = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator([{k: v for k, v in f.items() if not k.startswith("ref_")} for f in features])
+    fresh, fresh_kl = trainer.compute_ref_log_probs(trainer.model, batch)  # the untrained policy is the reference
+    assert torch.allclose(fresh, torch.tensor([f["ref_logps"] for f in features]), atol=1e-4)
+    assert torch.allclose(fresh_kl, torch.tensor([f["ref_KL_logps"] for f in features]), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -163,6 +163,55 @@ def test_pairwise_loss_with_margin_and_centring_equals_a_hand_computation():
     assert centred.item() - with_margin.item() == pytest.approx(0.01 * ((chosen + rejected) ** 2).mean().item())
 
 
+def test_packed_pairs_give_the_padded_rewards_loss_and_gradients(rm_options):
+    from medgpt.data.collators import RewardPairCollator
+    from medgpt.models.reward import right_padded
+
+    spec = get_stage("rm")
+    config = build_config(spec, {**rm_options, "bf16": False})
+    from medgpt.data.templates import ChatFormat
+    from medgpt.models.load import load_tokenizer
+    from medgpt.stages.rm import RewardTrainer, prepare_reward_model, reward_features
+
+    tokenizer = load_tokenizer(config.model)
+    records = [pair(q, f"{a} indeed", a) for q, a in zip(QUESTIONS[:3], ANSWERS)]
+    features, _ = reward_features(ChatFormat(tokenizer), records, 128)
+    model = prepare_reward_model(config, tokenizer, 128)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a trained-looking adapter: rewards that differ per pair
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    from medgpt.training.recipe import use_packed_attention
+
+    use_packed_attention(model)
+    trainer = RewardTrainer(model=model, args=config.training, processing_class=tokenizer,
+                            data_collator=RewardPairCollator(tokenizer.pad_token_id))
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        chosen, rejected = compute()
+        loss = pairwise_reward_loss(chosen, rejected, 0.5, 0.01)
+        loss.backward()
+        return torch.cat([chosen, rejected]).detach(), loss.item(), [p.grad.clone() for p in model.parameters()
+                                                                     if p.requires_grad]
+
+    def previous():  # the padded path this stage ran before packing: one right-padded row per sequence
+        ids, mask = right_padded([f["input_ids_chosen"] for f in features]
+                                 + [f["input_ids_rejected"] for f in features], tokenizer.pad_token_id)
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float().chunk(2)
+
+    packed = RewardPairCollator(tokenizer.pad_token_id)(features)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    ours = loss_and_grads(lambda: trainer.rewards(model, packed))
+    theirs = loss_and_grads(previous)
+    padded = loss_and_grads(lambda: trainer.rewards(model, RewardPairCollator(tokenizer.pad_token_id, False)(features)))
+    assert len(set(round(x, 3) for x in theirs[0].tolist())) > 3  # distinct rewards were compared
+    for other in (ours, padded):
+        assert torch.allclose(other[0], theirs[0], atol=1e-5)
+        assert other[1] == pytest.approx(theirs[1], rel=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(other[2], theirs[2]))
+
+
 # ------------------------------------------------------------------------------------------------ learning
 
 
@@ -173,7 +222,8 @@ def test_rm_accuracy_rises_above_90_percent_when_chosen_is_learnable(rm_options,
     metrics = run_rm({**rm_options, "model_name_or_path": str(learnable_model_dir), "max_steps": 20,
                       "train_file_dir": str(data),
                       "per_device_train_batch_size": 4, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
-                      "validation_file_dir": str(held_out), "per_device_eval_batch_size": 16})
+                      "validation_file_dir": str(held_out), "per_device_eval_batch_size": 16,
+                      "bf16": False})  # 8 held-out pairs: bf16 noise on this tiny model moves one or two
     assert metrics["eval_accuracy"] > 0.9, metrics
     assert metrics["eval_margin"] > 0 and metrics["eval_reward_chosen"] > metrics["eval_reward_rejected"]
     train_rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
@@ -262,11 +312,12 @@ def test_merged_rm_keeps_the_head_and_scores_like_the_adapter(rm_options, tmp_pa
     pairs = [pair(q, f"{a} indeed", ANSWERS[(i + 3) % len(ANSWERS)])
              for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
     conversations = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    by_adapter = RewardModelScorer.load(str(out), batch_size=5).score(conversations)
-    by_merged = RewardModelScorer.load(str(merged), batch_size=3).score(conversations)
+    # fp32: merged and unmerged weights round differently in bf16 (the inference default on bf16 CPUs)
+    by_adapter = RewardModelScorer.load(str(out), batch_size=5, torch_dtype="fp32").score(conversations)
+    by_merged = RewardModelScorer.load(str(merged), batch_size=3, torch_dtype="fp32").score(conversations)
     assert len(set(round(x, 4) for x in by_adapter)) > 1  # real, distinct scores
     assert by_merged == pytest.approx(by_adapter, abs=1e-4)
-    one_by_one = RewardModelScorer.load(str(merged), batch_size=1)
+    one_by_one = RewardModelScorer.load(str(merged), batch_size=1, torch_dtype="fp32")
     assert one_by_one.score(conversations[:4]) == pytest.approx(by_merged[:4], abs=1e-5)  # padding changes nothing
     chosen, rejected = one_by_one.score_pairs(pairs[:2])
     assert chosen == pytest.approx(by_merged[:2], abs=1e-5)
@@ -385,28 +436,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_cpu_processes_train_the_rm_and_gather_eval_metrics_over_both(rm_options, tmp_path):
-    out = tmp_path / "dp"
-    script = tmp_path / "launch.py"  # the rm stage is not in STAGE_MODULES yet: register it, then run the CLI
-    script.write_text("import sys, medgpt.stages.rm\nfrom medgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+def torchrun_stage(stage: str, options: dict, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`medgpt STAGE` under torchrun with 2 CPU processes (gloo), options as key=value."""
+    script = tmp_path / "launch.py"  # the stage may not be in STAGE_MODULES yet: register it, then run the CLI
+    script.write_text(f"import sys, medgpt.stages.{stage}\nfrom medgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "MEDGPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(script), "rm",
-               *[f"{k}={v}" for k, v in rm_options.items() if k != "output_dir"], f"output_dir={out}",
-               "validation_file_dir=" + rm_options["train_file_dir"], "max_eval_samples=5",
-               "per_device_eval_batch_size=2"]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+               "--master_port", str(_free_port()), str(script), stage, *[f"{k}={v}" for k, v in options.items()], *extra]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return done
+
+
+def test_torchrun_two_cpu_processes_train_the_rm_and_gather_eval_metrics_over_both(rm_options, tmp_path):
+    out = tmp_path / "dp"
+    torchrun_stage("rm", {**rm_options, "output_dir": out}, tmp_path,
+                   "validation_file_dir=" + rm_options["train_file_dir"], "max_eval_samples=5",
+                   "per_device_eval_batch_size=2", "bf16=false")  # fp32: compared exactly with the scorer below
     saved = results(out)
     assert saved["world_size"] == 2 and saved["global_step"] == 2
     # 5 eval pairs over 2 ranks (3 + 3 with one repeated): the metrics cover exactly the 5, from both ranks
     lines = Path(rm_options["train_file_dir"]).read_text().splitlines()[:5]
     pairs = [pair(json.loads(x)["conversations"][0]["value"], json.loads(x)["chosen"], json.loads(x)["rejected"])
              for x in lines]
-    chosen, rejected = RewardModelScorer.load(str(out)).score_pairs(pairs)
+    chosen, rejected = RewardModelScorer.load(str(out), torch_dtype="fp32").score_pairs(pairs)
     assert saved["eval_reward_chosen"] == pytest.approx(sum(chosen) / 5, abs=1e-5)
     assert saved["eval_reward_rejected"] == pytest.approx(sum(rejected) / 5, abs=1e-5)
     assert saved["eval_accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / 5)

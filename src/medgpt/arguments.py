@@ -56,11 +56,14 @@ class ModelArguments:
     )
     torch_dtype: str = documented(
         """dtype the weights are loaded in: auto | bf16 | fp16 | fp32 (bfloat16/float16/float32 accepted).
-        auto = bf16 on GPUs that support it (Ampere and newer), fp16 on older GPUs, fp32 on CPU. Use bf16 on
+        auto = bf16 on GPUs that support it (Ampere and newer), fp16 on older GPUs; on CPU it depends on what
+        the weights are for: fp32 for weights that train (full training keeps fp32 master weights), bf16 for
+        a frozen LoRA/QLoRA base while `bf16` compute is on (adapters and optimizer state stay fp32), bf16 for
+        chat/serve/eval on CPUs with AMX or AVX512-BF16, fp32 on other CPUs (bf16 is slow there). Use bf16 on
         A100/H100/RTX 30xx+; fp16 only on V100/T4-class GPUs, and then train with `fp16: true` (loss scaling),
-        since pure-fp16 weights overflow and the loss goes to 0/NaN; fp32 on CPU (bf16 is slow there). This is
-        the storage dtype; `bf16`/`fp16` (trainer options) choose mixed-precision compute: train with fp32
-        weights + `bf16: true` for the safest mixed precision, or bf16 weights + `bf16: true` to halve memory.""",
+        since pure-fp16 weights overflow and the loss goes to 0/NaN. This is the storage dtype; `bf16`/`fp16`
+        (trainer options) choose mixed-precision compute: train with fp32 weights + `bf16: true` for the safest
+        mixed precision, or bf16 weights + `bf16: true` to halve memory.""",
         default="auto",
     )
     device_map: str | None = documented(
@@ -273,7 +276,7 @@ class RunArguments:
 
 @dataclass
 class CausalLMArguments:
-    """Options of the causal-LM stages (PT, SFT)."""
+    """Options of the causal-LM stages (PT, SFT) and of the LM head of the preference stages (DPO, ORPO, KTO)."""
 
     loss_chunk_size: int = documented(
         """Positions per chunk when computing the loss. The full (tokens x vocabulary) fp32 logits are never

@@ -278,8 +278,36 @@ def load_config(stage, config_file: str | Path | None = None, overrides: list[st
     return build_config(stage, values)
 
 
+def bf16_default() -> bool:
+    """bf16 mixed-precision compute unless the user chose: on CUDA GPUs that support it, and on CPUs whose matrix
+    units do bf16 (AMX or AVX512-BF16, `medgpt.hardware.cpu_bf16`), where oneDNN runs bf16 matmuls several times
+    faster than fp32; fp32 elsewhere."""
+    import torch
+
+    from medgpt.hardware import cpu_bf16
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_bf16() != "none"
+
+
+def precision_reason(bf16: bool, given: bool) -> str:
+    """Why the run computes in bf16 or fp32, for the log."""
+    import torch
+
+    from medgpt.hardware import cpu_bf16
+
+    if given:
+        return f"bf16: {str(bf16).lower()} as set"
+    if torch.cuda.is_available():
+        return "the GPU supports bf16" if bf16 else "the GPU has no bf16 (fp16: true for mixed precision)"
+    kind = cpu_bf16()
+    return f"the CPU has {kind.upper()} bf16 matrix units; bf16: false trains in fp32" if bf16 else \
+        "the CPU has no bf16 matrix units (neither AMX nor AVX512-BF16)"
+
+
 def _precision_defaults(training_class: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Pick mixed precision from the hardware unless the user chose: bf16 where supported, else fp32."""
+    """Pick mixed precision from the hardware unless the user chose: bf16 where supported (GPU or CPU), else fp32."""
     import torch
 
     names = {f.name for f in dataclasses.fields(training_class)}
@@ -288,7 +316,7 @@ def _precision_defaults(training_class: type, values: dict[str, Any]) -> dict[st
     if "fp16" in names and _truthy(values.get("fp16")) and not cuda:
         raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU train in fp32 (remove `fp16: true`)")
     if "bf16" in names and "bf16" not in values and not _truthy(values.get("fp16")):
-        values["bf16"] = bool(cuda and torch.cuda.is_bf16_supported())
+        values["bf16"] = bf16_default()
     if "use_cpu" in names and "use_cpu" not in values and not cuda:
         # Without it, `accelerate launch --cpu` / `torchrun` on CPU do not form one data-parallel group.
         values["use_cpu"] = True

@@ -41,8 +41,9 @@ TRAINING_FIELDS = {
     "max_grad_norm": "Clip the gradient norm to this (0 = off). 1.0 protects against loss spikes, especially in fp16.",
     "optim": "Optimizer. adamw_torch_fused (default) keeps two states per trainable weight; paged_adamw_8bit "
              "(bitsandbytes) stores them in 8 bits, a quarter of the memory, for full training of large models.",
-    "bf16": "bf16 mixed-precision compute. medgpt turns it on where the GPU supports it (Ampere and newer) unless "
-            "you set it; off on CPU. Preferred over fp16: fp32's range, no loss scaling.",
+    "bf16": "bf16 mixed-precision compute. medgpt turns it on unless you set it where the hardware does bf16: GPUs "
+            "of Ampere and newer, and CPUs with AMX or AVX512-BF16 matrix units (the run logs which); off on "
+            "other CPUs. false forces fp32. Preferred over fp16: fp32's range, no loss scaling.",
     "fp16": "fp16 mixed precision with loss scaling, for GPUs without bf16 (V100, T4). Needs CUDA; refused on CPU. "
             "If the loss goes to 0 or NaN, lower learning_rate, or use bf16/fp32.",
     "tf32": None,

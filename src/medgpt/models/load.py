@@ -25,11 +25,28 @@ def resolve_model_path(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
-def resolve_dtype(name: str | None) -> torch.dtype:
-    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+# What the weights are for decides how `torch_dtype: auto` stores them on a CPU (on a GPU: bf16, else fp16):
+# - "train": weights that train (full-parameter training: fp32 master weights; bf16 compute comes from autocast),
+#   and anything that must stay exact (merging): fp32;
+# - "frozen": the frozen base under a LoRA / QLoRA adapter while the run computes in bf16: bf16, so no weight is
+#   cast each step and the base takes half the memory (adapters and optimizer state stay fp32, see
+#   `keep_trainable_fp32`);
+# - "inference": generation and scoring (chat, serve, eval, reward models in RL): bf16 where the CPU has bf16
+#   matrix units (`medgpt.hardware.cpu_bf16`), fp32 elsewhere.
+PURPOSES = ("train", "frozen", "inference")
+
+
+def resolve_dtype(name: str | None, purpose: str = "train") -> torch.dtype:
+    """auto -> bf16 on GPUs that support it, fp16 on older GPUs; on CPU by `purpose` (see PURPOSES)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose '{purpose}' is not one of {', '.join(PURPOSES)}")
     if name in (None, "auto"):
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        from medgpt.hardware import cpu_bf16
+
+        if purpose == "frozen" or (purpose == "inference" and cpu_bf16() != "none"):
+            return torch.bfloat16
         return torch.float32
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
@@ -37,6 +54,35 @@ def resolve_dtype(name: str | None) -> torch.dtype:
     if name == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 weights on CPU are slow and overflow easily; fp32 is the right choice here")
     return DTYPES[name]
+
+
+def weights_purpose(config) -> str:
+    """How a training stage stores its weights (see PURPOSES), logging the precision chosen and why."""
+    from medgpt.config import precision_reason
+
+    bf16 = bool(getattr(config.training, "bf16", False))
+    reason = precision_reason(bf16, "bf16" in config.given)
+    frozen = config.adapter.use_peft and bf16
+    if frozen:
+        logger.info("precision: bf16 compute (%s); the frozen base is stored in %s, adapters and optimizer state "
+                    "in fp32", reason, "bf16" if config.model.torch_dtype in (None, "auto") else config.model.torch_dtype)
+    elif bf16:
+        logger.info("precision: bf16 compute (%s) over fp32 master weights", reason)
+    else:
+        logger.info("precision: fp32 (%s)", reason)
+    return "frozen" if frozen else "train"
+
+
+def keep_trainable_fp32(model) -> int:
+    """Cast every trainable 16-bit parameter to fp32 (a head or embedding peft copied from a bf16 base as a
+    module to save): updates smaller than bf16's resolution would be lost, and the optimizer state follows the
+    parameter's dtype. Quantised (4/8-bit) weights are never trainable. Returns how many were cast."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def load_model_config(args: ModelArguments):
@@ -112,13 +158,15 @@ def apply_rope_scaling(config, args: ModelArguments, length: int | None) -> None
     logger.info("RoPE scaling %s with factor %.2f (context %d -> %d)", args.rope_scaling, factor, limit, int(limit * factor))
 
 
-def load_model(args: ModelArguments, tokenizer=None, head: str = "causal_lm", context_length: int | None = None):
-    """Load the model for training or inference. `head`: causal_lm | sequence_classification (scalar reward)."""
+def load_model(args: ModelArguments, tokenizer=None, head: str = "causal_lm", context_length: int | None = None,
+               purpose: str = "train"):
+    """Load the model for training or inference. `head`: causal_lm | sequence_classification (scalar reward);
+    `purpose` (train | frozen | inference) decides the dtype `torch_dtype: auto` means on a CPU."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_model_config(args)
     apply_rope_scaling(config, args, context_length)
-    dtype = resolve_dtype(args.torch_dtype)
+    dtype = resolve_dtype(args.torch_dtype, purpose)
     kwargs = dict(
         config=config,
         dtype=dtype,

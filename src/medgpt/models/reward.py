@@ -34,27 +34,37 @@ def use_last_token_reward(model) -> None:
     token — on this instance only, so peft / DDP / DeepSpeed wrappers around it all end up calling it.
 
     Only the pooled hidden states go through the head (B rows, not B x T). Without an attention mask every
-    position is real and the last column is read.
+    position is real and the last column is read. Packed rows (several sequences in one row, position ids
+    restarting at each) pass `sequence_ends`: the flat index (into the B x T positions) of each sequence's last
+    token, and get one score per sequence, (S, 1).
     """
     if getattr(model, "_medgpt_last_token_reward", False):
         return
 
-    def forward(input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
+    def forward(input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, sequence_ends=None, **kwargs):
         if labels is not None:
             raise ValueError("the reward model computes no loss itself: compute the pairwise loss from its logits")
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("return_dict", "use_cache")}
         outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    use_cache=False, **kwargs)
         hidden = outputs.last_hidden_state  # (B, T, H)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if attention_mask is None:
-            last = torch.full_like(rows, hidden.shape[1] - 1)
+        if sequence_ends is not None:
+            pooled = hidden.reshape(-1, hidden.shape[-1])[sequence_ends.to(hidden.device)]  # (S, H)
         else:
-            last = last_token_positions(attention_mask.to(hidden.device))
-        # Looked up per call: peft wraps `score` (modules_to_save) after this patch.
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            if attention_mask is None:
+                last = torch.full_like(rows, hidden.shape[1] - 1)
+            else:
+                last = last_token_positions(attention_mask.to(hidden.device))
+            pooled = hidden[rows, last]
+        # Looked up per call: peft wraps `score` (modules_to_save) after this patch. The head runs in fp32 outside
+        # autocast: a bf16 reward resolves only ~0.4% of its value, too coarse for the margins training compares.
         head = getattr(model, "score")
-        return SequenceClassifierOutputWithPast(logits=head(hidden[rows, last]))  # (B, num_labels)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = head(pooled.to(next(head.parameters()).dtype))
+        return SequenceClassifierOutputWithPast(logits=logits)  # (B or S, num_labels)
 
+    model.score.float()  # (H x 1): nothing to save by keeping it in 16 bits
     model.forward = forward
     model._medgpt_last_token_reward = True
 
@@ -114,7 +124,7 @@ class RewardModelScorer:
                                                   trust_remote_code=trust_remote_code))
         args = ModelArguments(model_name_or_path=base, torch_dtype=torch_dtype, device_map=device_map,
                               trust_remote_code=trust_remote_code)
-        network = load_model(args, tokenizer, head="sequence_classification")
+        network = load_model(args, tokenizer, head="sequence_classification", purpose="inference")
         if adapter is not None:
             from peft import PeftModel
 

@@ -73,7 +73,7 @@ class GenerationEngine:
         tokenizer_source = path if (Path(path) / "tokenizer_config.json").is_file() else base
         tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_source,
                                                   trust_remote_code=trust_remote_code))
-        network = load_model(args, tokenizer)
+        network = load_model(args, tokenizer, purpose="inference")
         if adapter_config.is_file():
             from peft import PeftModel
 

@@ -1,21 +1,22 @@
 """Stage 3b, the DPO family: align a policy directly from preference pairs, without a reward model.
 
-`stage: dpo` takes TRL's `DPOConfig` whole (beta, loss_type, max_length, precompute_ref_log_probs …): the
-reference-based losses (sigmoid = DPO, ipo, hinge and TRL's other ones) are TRL's `DPOTrainer`'s;
-`loss_type: simpo` and `stage: orpo` are reference-free and computed by our small functions in
-`medgpt.training.preference_loss` on the same trainer's log-probabilities (TRL has them only in its
-experimental trainers, which tokenise on their own and materialise full logits).
+`stage: dpo` takes TRL's `DPOConfig` whole (beta, loss_type, max_length, precompute_ref_log_probs …) and trains
+with `training.dpo_trainer.PreferenceTrainer`: TRL's DPOTrainer around our forward. Each batch's chosen and
+rejected sequences are packed padding-free into one row (`packing`), only the reply tokens go through the LM
+head, a chunk at a time (`loss_chunk_size`), and the losses are `medgpt.training.preference_loss`'s: TRL's loss
+types restated formula for formula (sigmoid = DPO, ipo, hinge, robust, …), plus the reference-free
+`loss_type: simpo` and `stage: orpo`. TRL's own path pads and, on CPU, scores every position.
 
 Pairs are tokenised by `medgpt.data.preference.encode_pair` (prompt cut from the left, counts kept) and handed
 to the trainer as `prompt_ids` / `chosen_ids` / `rejected_ids`.
 
-The reference model is the policy as this stage starts:
+The reference model is the policy as this stage starts, scored in a no-gradient pass over the same packed row:
 - a new LoRA adapter on a plain or merged model: the same weights with the adapter disabled (no copy);
 - an unmerged SFT adapter (`model_name_or_path` is an adapter directory, or `peft_path` is set): that adapter
   keeps training, and a frozen copy of it, the adapter "ref", is the reference — disabling adapters would give
   the pre-SFT base. The output stays an adapter of the original base, so `medgpt merge` works as after SFT;
 - full training: a frozen in-memory copy, or with `precompute_ref_log_probs: true` the reference
-  log-probabilities computed once before training and no copy kept.
+  log-probabilities computed once before training (TRL's pass, through our scoring) and no copy kept.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import copy
 import logging
 from dataclasses import dataclass
 
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
-from medgpt.arguments import documented
+from medgpt.arguments import CausalLMArguments, documented
 from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
@@ -35,7 +36,9 @@ from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import start_from_adapter
 from medgpt.models.load import load_model_config, load_tokenizer
 from medgpt.stages import Stage, register
-from medgpt.training.preference_loss import orpo_loss, simpo_loss
+from medgpt.training.dpo_trainer import PreferenceTrainer
+from medgpt.training.packed_preference import PackingArguments, refuse_upstream_batching
+from medgpt.training.preference_loss import DPO_LOSSES
 from medgpt.training.recipe import (
     TrainingJob,
     add_new_tokens,
@@ -49,8 +52,7 @@ from medgpt.training.recipe import (
 
 logger = logging.getLogger(__name__)
 
-TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+TRL_LOSSES = tuple(DPO_LOSSES)  # TRL 1.16's loss types, restated in training/preference_loss.py
 # DPOConfig options that only mean something with a reference model; refused for SimPO / ORPO, not ignored.
 REFERENCE_OPTIONS = ("precompute_ref_log_probs", "precompute_ref_batch_size", "sync_ref_model",
                      "ref_model_mixup_alpha", "ref_model_sync_steps", "ld_alpha", "use_weighting", "loss_weights",
@@ -71,86 +73,13 @@ class PreferenceArguments:
     )
 
 
-class PreferenceTrainer(DPOTrainer):
-    """TRL's DPOTrainer that takes our tokenised pairs as they are and adds the reference-free SimPO / ORPO.
-
-    `reference_free`: None (TRL's loss_type), "simpo" or "orpo". `keep_reference_adapter`: keep TRL's frozen
-    copy ("ref") of an adapter the model already had; otherwise it is dropped and the reference is the model
-    with adapters disabled.
-    """
-
-    def __init__(self, *args, reference_free: str | None = None, simpo_gamma: float = 0.5,
-                 keep_reference_adapter: bool = False, **kwargs):
-        from peft import PeftModel
-
-        self.reference_free, self.simpo_gamma = reference_free, simpo_gamma
-        training = kwargs["args"]
-        model = kwargs.get("model", args[0] if args else None)
-        # With no reference needed and full training, TRL would load a second model from disk; its
-        # precompute path is the one that loads none, and `_precompute_ref_logps` below then computes nothing.
-        skip_reference = reference_free is not None and not isinstance(model, PeftModel) \
-            and not training.precompute_ref_log_probs
-        if skip_reference:
-            training.precompute_ref_log_probs = True
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            if skip_reference:
-                training.precompute_ref_log_probs = False
-        peft_config = getattr(self.model, "peft_config", {})
-        if "ref" in peft_config and (reference_free or not keep_reference_adapter):
-            self.model.delete_adapter("ref")
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # TRL 1.16 re-tokenises any dataset (it would run `extract_prompt` on ours and fail); ours are final.
-        if "prompt_ids" in dataset.column_names:
-            return dataset
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        if self.reference_free:
-            return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
-
-    def _compute_loss(self, model, inputs, return_outputs):
-        if self.reference_free is None:
-            return super()._compute_loss(model, inputs, return_outputs)
-        mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                        use_cache=False, fused_lm_head=True)
-        mask = completion_mask[:, 1:]  # (2B, T-1): the reply tokens, as next-token targets
-        per_token = outputs.log_probs[:, -mask.size(1):] * mask
-        lengths = mask.sum(dim=1).clamp(min=1)
-        chosen_sum, _ = per_token.sum(dim=1).chunk(2)
-        chosen_avg, rejected_avg = (per_token.sum(dim=1) / lengths).chunk(2)  # batch is [chosen, rejected]
-        chosen_tokens, _ = lengths.chunk(2)
-        metrics = self._metrics[mode]
-        if self.reference_free == "simpo":
-            loss = simpo_loss(chosen_avg, rejected_avg, self.beta, self.simpo_gamma, self.label_smoothing).mean()
-        else:
-            nll = -chosen_sum.sum() / chosen_tokens.sum()
-            loss, log_odds = orpo_loss(nll, chosen_avg, rejected_avg, self.beta)
-            metrics["nll_loss"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
-            metrics["log_odds_ratio"].append(self.accelerator.gather_for_metrics(log_odds.detach()).mean().item())
-        chosen_rewards, rejected_rewards = self.beta * chosen_avg.detach(), self.beta * rejected_avg.detach()
-        gather = self.accelerator.gather_for_metrics
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["logps/chosen"].append(gather(chosen_avg.detach()).mean().item())  # per token: what the loss uses
-        metrics["logps/rejected"].append(gather(rejected_avg.detach()).mean().item())
-        return (loss, outputs) if return_outputs else loss
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
 def reference_free_loss(config: RunConfig) -> str | None:
     """"simpo" / "orpo" for our own losses, None for TRL's; refuse options that would do nothing."""
     t, given = config.training, config.given
+    refuse_upstream_batching(given)
     if config.stage == "orpo":
         if "loss_type" in given:
             raise ConfigError("stage orpo has its own loss (odds ratio + SFT term): remove loss_type, "
@@ -206,7 +135,8 @@ def setup(config: RunConfig):
 
     # DPOConfig defaults to activation checkpointing; ours (gradient_checkpointing, default off) decides.
     args.activation_checkpointing = args.gradient_checkpointing = config.model.gradient_checkpointing
-    model = prepare_model(config, tokenizer, args.max_length, loss_chunk_size=1024)
+    chunk = config.extra(CausalLMArguments).loss_chunk_size
+    model = prepare_model(config, tokenizer, args.max_length, loss_chunk_size=chunk)
     reference = None
     if not config.adapter.use_peft and own is None and not args.precompute_ref_log_probs:
         reference = copy.deepcopy(model).requires_grad_(False).eval()  # the policy as the stage starts
@@ -216,6 +146,7 @@ def setup(config: RunConfig):
         model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=evaluation,
         processing_class=tokenizer, callbacks=standard_callbacks(args.output_dir), reference_free=own,
         simpo_gamma=pref.simpo_gamma if pref else 0.5, keep_reference_adapter=start_adapter is not None,
+        chunk_size=chunk, packing=config.extra(PackingArguments).packing,
     )
     loss_type = "orpo" if config.stage == "orpo" else ",".join(args.loss_type)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
@@ -233,7 +164,7 @@ register(Stage(
     summary="direct preference optimisation from pairs (loss_type: sigmoid = DPO, ipo, hinge, simpo, …)",
     run=run,
     training_class=DPOConfig,
-    extra_classes=(PreferenceArguments,),
+    extra_classes=(PreferenceArguments, PackingArguments, CausalLMArguments),
     data_kind="preference",
 ))
 
@@ -242,5 +173,6 @@ register(Stage(
     summary="odds-ratio preference optimisation: SFT and preference in one loss, no reference model",
     run=run,
     training_class=DPOConfig,
+    extra_classes=(PackingArguments, CausalLMArguments),
     data_kind="preference",
 ))

@@ -5,8 +5,10 @@ each pair split into a desirable (chosen) and an undesirable (rejected) example 
 happens after the validation split, so a pair's two halves stay on one side. Tokenised by our template
 (`encode_kto`: the prompt loses its oldest tokens first, the completion its tail; counts in train_results.json).
 
-Trainer: TRL's `KTOTrainer`, fed our tokenised features; every `KTOConfig` option (beta, desirable_weight,
-undesirable_weight, loss_type, precompute_ref_log_probs, max_length …) is the stage's option.
+Trainer: `training.kto_trainer.KTOFeaturesTrainer`, TRL's `KTOTrainer` around our forward: the examples of a
+batch (and, separately, their mismatched KL pairs) are packed padding-free into one row (`packing`), only the
+completion tokens go through the LM head, a chunk at a time (`loss_chunk_size`); every `KTOConfig` option (beta,
+desirable_weight, undesirable_weight, loss_type, precompute_ref_log_probs, max_length …) is the stage's option.
 
 KL estimate: KTO's reference point is the KL between policy and reference on mismatched (prompt, completion)
 pairs, made by rotating completions by one within each batch, so a batch needs at least two examples and a
@@ -31,6 +33,7 @@ import random
 
 from trl import KTOConfig, KTOTrainer
 
+from medgpt.arguments import CausalLMArguments
 from medgpt.config import ConfigError, RunConfig, check_context_length
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
@@ -39,8 +42,10 @@ from medgpt.data.records import KTORecord, PreferencePair
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, start_from_adapter
 from medgpt.models.lean import use_lean_activations
-from medgpt.models.load import load_model, load_model_config, load_tokenizer
+from medgpt.models.load import keep_trainable_fp32, load_model, load_model_config, load_tokenizer, weights_purpose
 from medgpt.stages import Stage, register
+from medgpt.training.kto_trainer import KTOFeaturesTrainer, with_kl_completions  # noqa: F401 (the stage's trainer)
+from medgpt.training.packed_preference import PackingArguments, refuse_upstream_batching
 from medgpt.training.recipe import (
     TrainingJob,
     add_new_tokens,
@@ -84,28 +89,6 @@ def kto_features(chat: ChatFormat, records, max_length: int, seed: int):
     return features, info
 
 
-def with_kl_completions(features: dict) -> dict:
-    """Give each example the completion of its batch neighbour: (x_i, y_{i-1}), wrapping within the batch."""
-    completions = features["completion_ids"]
-    features["KL_completion_ids"] = completions[-1:] + completions[:-1]
-    return features
-
-
-class KTOFeaturesTrainer(KTOTrainer):
-    """`KTOTrainer` on our tokenised features (`prompt_ids`, `completion_ids`, `label`).
-
-    TRL 1.16's `_prepare_dataset` always re-derives the prompt from text columns and re-tokenises (it fails on
-    a dataset that has only ids), so this override keeps only the part we need: the KL completions, built on the
-    batches the sequential sampler will form.
-    """
-
-    def _prepare_dataset(self, dataset, processing_class, args: KTOConfig, dataset_name: str):
-        if not self.calculate_KL:
-            return dataset
-        size = args.per_device_train_batch_size if dataset_name == "train" else args.per_device_eval_batch_size
-        return dataset.map(with_kl_completions, batched=True, batch_size=size)
-
-
 def check_kto_options(args: KTOConfig) -> None:
     """What TRL would refuse only after the model is loaded."""
     if args.loss_type == "apo_zero_unpaired":
@@ -137,13 +120,14 @@ def prepare_policy(config: RunConfig, tokenizer, length: int | None):
     from transformers import set_seed
 
     set_seed(config.training.seed)  # the adapter's initialisation follows `seed`
-    model = load_model(config.model, tokenizer, context_length=length)
+    model = load_model(config.model, tokenizer, context_length=length, purpose=weights_purpose(config))
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
     use_lean_activations(model)
     reference = None
     if config.adapter.use_peft:
         extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
         model = attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
+        keep_trainable_fp32(model)  # a bf16 base's copied modules (new embeddings) train in fp32
     else:
         freeze_layers(model, config.adapter.freeze_trainable_layers)
         if not config.training.precompute_ref_log_probs:
@@ -168,6 +152,7 @@ def use_disabled_adapter_as_reference(trainer: KTOTrainer, config: RunConfig) ->
 
 def run(config: RunConfig) -> dict:
     d, args = config.data, config.training
+    refuse_upstream_batching(config.given)
     check_kto_options(args)
     start_from_adapter(config)  # an unmerged SFT adapter: train it on, its frozen copy is the reference
     if "gradient_checkpointing" not in config.given and "activation_checkpointing" not in config.given:
@@ -191,7 +176,9 @@ def run(config: RunConfig) -> dict:
     start_logs(config, resume)
     trainer = KTOFeaturesTrainer(model=model, ref_model=reference, args=args, train_dataset=train,
                                  eval_dataset=evaluation, processing_class=tokenizer,
-                                 callbacks=standard_callbacks(args.output_dir))
+                                 callbacks=standard_callbacks(args.output_dir),
+                                 chunk_size=config.extra(CausalLMArguments).loss_chunk_size,
+                                 packing=config.extra(PackingArguments).packing)
     use_disabled_adapter_as_reference(trainer, config)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
                       stats={"kto_" + k: v for k, v in info.items()})
@@ -203,5 +190,6 @@ register(Stage(
     summary="KTO alignment from thumbs-up / thumbs-down answers (or preference pairs split in two)",
     run=run,
     training_class=KTOConfig,
+    extra_classes=(PackingArguments, CausalLMArguments),
     data_kind="kto",
 ))

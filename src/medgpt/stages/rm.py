@@ -1,5 +1,9 @@
 """Stage 3, reward modelling (RM): learn a scalar score that ranks the chosen reply above the rejected one
-(pairwise Bradley–Terry loss), read at each sequence's last real token."""
+(pairwise Bradley–Terry loss), read at each sequence's last real token.
+
+A batch's chosen and rejected sequences are packed padding-free into one row (`packing`, per-sequence position
+ids, SDPA per sequence), and the score head reads only the hidden state of each sequence's last token.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,15 @@ from transformers import Trainer, TrainingArguments
 
 from medgpt.arguments import documented
 from medgpt.config import ConfigError, RunConfig, check_context_length
+from medgpt.data.collators import RewardPairCollator
 from medgpt.data.features import stage_features
 from medgpt.data.loading import load_stage_data
 from medgpt.data.preference import PairStats, encode_pair
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers
 from medgpt.models.lean import use_lean_activations
-from medgpt.models.load import load_model, load_model_config, load_tokenizer
-from medgpt.models.reward import right_padded, use_last_token_reward
+from medgpt.models.load import keep_trainable_fp32, load_model, load_model_config, load_tokenizer, weights_purpose
+from medgpt.models.reward import use_last_token_reward
 from medgpt.stages import Stage, register
 from medgpt.training.recipe import (
     TrainingJob,
@@ -31,7 +36,9 @@ from medgpt.training.recipe import (
     standard_callbacks,
     start_logs,
     train_and_save,
+    use_packed_attention,
 )
+from medgpt.training.packed_preference import PackingArguments
 from medgpt.training.trainer import TrainingDiverged, diagnose_nan
 
 logger = logging.getLogger(__name__)
@@ -89,22 +96,6 @@ def reward_features(chat: ChatFormat, records, max_length: int):
     return features, info
 
 
-@dataclass
-class PairCollator:
-    """Pad chosen and rejected of a batch to one common length (right padding, masks from lengths), so the
-    trainer can run both halves in one forward pass. Each key is (B, T): the Trainer counts B pairs."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        chosen = [f["input_ids_chosen"] for f in features]
-        rejected = [f["input_ids_rejected"] for f in features]
-        ids, mask = right_padded(chosen + rejected, self.pad_token_id)
-        n = len(features)
-        return {"input_ids_chosen": ids[:n], "attention_mask_chosen": mask[:n],
-                "input_ids_rejected": ids[n:], "attention_mask_rejected": mask[n:]}
-
-
 # ------------------------------------------------------------------------------------------------ trainer
 
 
@@ -126,9 +117,9 @@ class RewardTrainer(Trainer):
         self._train_sums = torch.zeros(4, dtype=torch.float64)  # correct, sum r_c, sum r_r, pairs
 
     def rewards(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]])
-        mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]])
-        rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # (2B,)
+        """(chosen, rejected) rewards, (B,) each, of a `RewardPairCollator` batch (packed or padded)."""
+        kwargs = {k: inputs[k] for k in ("input_ids", "position_ids", "attention_mask", "sequence_ends") if k in inputs}
+        rewards = model(**kwargs).logits[:, 0].float()  # (2B,): the B chosen, then the B rejected
         return rewards.chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -169,13 +160,15 @@ def prepare_reward_model(config: RunConfig, tokenizer, context_length: int):
     from transformers import set_seed
 
     set_seed(config.training.seed)  # the head's and the adapter's initialisation follow `seed`
-    model = load_model(config.model, tokenizer, head="sequence_classification", context_length=context_length)
+    model = load_model(config.model, tokenizer, head="sequence_classification", context_length=context_length,
+                       purpose=weights_purpose(config))
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
     use_lean_activations(model)
     use_last_token_reward(model)
     if config.adapter.use_peft:
         save = ["score", "embed_tokens"] if vocabulary_changed else ["score"]
         model = attach_adapter(model, config.adapter, "SEQ_CLS", save, config.model.gradient_checkpointing)
+        keep_trainable_fp32(model)  # the head (and new embeddings) peft copied from a bf16 base train in fp32
     else:
         freeze_layers(model, config.adapter.freeze_trainable_layers)
         if config.adapter.freeze_trainable_layers:
@@ -202,8 +195,11 @@ def run(config: RunConfig) -> dict:
     start_logs(config, resume)
     args.remove_unused_columns = False  # our columns are not forward() arguments
     args.label_names = []  # no labels: the loss comes from pairs
+    packing = config.extra(PackingArguments).packing
+    if packing:
+        use_packed_attention(model)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                            data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                            data_collator=RewardPairCollator(tokenizer.pad_token_id, packing), processing_class=tokenizer,
                             callbacks=standard_callbacks(args.output_dir), margin=rm.margin,
                             center_coefficient=rm.center_rewards_coefficient)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
@@ -217,6 +213,6 @@ register(Stage(
     summary="reward model on preference pairs (pairwise Bradley–Terry loss, reward at the last real token)",
     run=run,
     training_class=TrainingArguments,
-    extra_classes=(RewardArguments,),
+    extra_classes=(RewardArguments, PackingArguments),
     data_kind="preference",
 ))

@@ -23,7 +23,7 @@ from medgpt.data.collators import PaddedCollator, PaddingFreeCollator
 from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, split_names
 from medgpt.models.lean import use_lean_activations
-from medgpt.models.load import load_model
+from medgpt.models.load import keep_trainable_fp32, load_model, weights_purpose
 from medgpt.outputs import prepare_output_dir, write_model_card
 from medgpt.metrics_files import METRICS_FILE, RESULTS_FILE, MetricsWriter, read_metrics
 from medgpt.report import plot_losses, plot_series
@@ -84,13 +84,14 @@ def prepare_model(config: RunConfig, tokenizer, context_length: int | None, loss
     from transformers import set_seed
 
     set_seed(config.training.seed)  # the adapter's and new embeddings' initialisation follow `seed` too
-    model = load_model(config.model, tokenizer, context_length=context_length)
+    model = load_model(config.model, tokenizer, context_length=context_length, purpose=weights_purpose(config))
     vocabulary_changed = resize_for_tokenizer(model, tokenizer)
     use_chunked_loss(model, loss_chunk_size)
     use_lean_activations(model)
     if config.adapter.use_peft:
         extra = ["embed_tokens", "lm_head"] if vocabulary_changed else None
         model = attach_adapter(model, config.adapter, "CAUSAL_LM", extra, config.model.gradient_checkpointing)
+        keep_trainable_fp32(model)  # a bf16 base's copied modules (new embeddings) train in fp32
     else:
         freeze_layers(model, config.adapter.freeze_trainable_layers)
     log_trainable(model)
