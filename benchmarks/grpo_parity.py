@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rl_throughput import make_tiny_model
+from harness import make_tiny_model
 
 QUESTIONS = ["What is a fever?", "Where is the liver?"]
 

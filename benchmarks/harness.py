@@ -285,19 +285,28 @@ def ratio(results: dict[str, dict], a: str, b: str, key: str = "useful_tokens_pe
     return None
 
 
-def make_tiny_model(directory: Path) -> Path:
-    """A random 2-layer Llama with the embedded tokenizer (the smoke mode's model: checks the script only)."""
+def make_tiny_model(directory: Path, initializer_range: float = 0.02, norm_scale: float = 1.0,
+                    context: int = 1024) -> Path:
+    """A random 2-layer Llama with the embedded tokenizer (the smoke modes' model: checks a script only).
+    initializer_range 0.5: LoRA moves its logits fast (the RL quality scripts); norm_scale 2: its next-token
+    distributions are peaked, so a given token comes up now and then."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from medgpt.models.embedded import resolve_embedded
+    from medgpt.models.load import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_embedded("smollm2-135m"))
+    ensure_pad_token(tokenizer)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                         tie_word_embeddings=True, initializer_range=initializer_range,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(norm_scale)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

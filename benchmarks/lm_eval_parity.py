@@ -28,30 +28,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness import make_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = {"letter": ("letters", "acc"), "sum": ("cloze", "acc"), "char": ("cloze", "acc_norm"),
          "byte": ("cloze", "acc_bytes")}  # our scoring -> (lm-eval task, its metric)
 TOLERANCE = 1e-3  # per-option log-likelihood, float32 on one machine
-
-
-def tiny_model(directory: Path) -> Path:
-    """A random 2-layer Llama with the embedded tokenizer (as tests/conftest.py builds it)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from medgpt.models.embedded import resolve_embedded
-    from medgpt.models.load import ensure_pad_token
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_embedded("smollm2-135m"))
-    ensure_pad_token(tokenizer)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def write_rows(questions, path: Path) -> None:
@@ -144,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     questions = questions[: 8 if args.tiny else args.limit]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        model = tiny_model(scratch / "tiny") if args.tiny else Path(resolve_model_path(args.model))
+        model = make_tiny_model(scratch / "tiny") if args.tiny else Path(resolve_model_path(args.model))
         data = scratch / "questions.jsonl"
         write_rows(questions, data)
         write_tasks(scratch, data)

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if args.tiny:
-            from lm_eval_parity import tiny_model
+            from harness import make_tiny_model
 
-            model = str(tiny_model(scratch / "tiny"))
+            model = str(make_tiny_model(scratch / "tiny"))
         else:
             model = args.model
         for rule in RULES:

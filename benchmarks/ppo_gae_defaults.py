@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rl_throughput import make_tiny_model
+from harness import make_tiny_model
 
 SETTINGS = {"lam0.95": {"gamma": 1.0, "lam": 0.95}, "lam1.0": {"gamma": 1.0, "lam": 1.0},
             "gamma0.95": {"gamma": 0.95, "lam": 1.0}}

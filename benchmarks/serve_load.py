@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from medgpt.hardware import cpu_bf16, cpu_name
-    from rl_throughput import make_tiny_model  # the benchmarks' smoke-mode model
+    from harness import make_tiny_model  # the benchmarks' smoke-mode model
 
     max_tokens = args.max_tokens or (16 if args.tiny else 64)
     questions = [QUESTIONS[i % len(QUESTIONS)] + (f" ({i})" if i >= len(QUESTIONS) else "")
