@@ -38,7 +38,7 @@ def test_plain_prompt_scores_are_the_replys_log_likelihood_normalised_as_documen
 
     out = tmp_path / scoring
     evaluate_model(str(tiny_model_dir), EvalSpec(mcq_file=str(FIXTURES / "mmlu"), mcq_scoring=scoring,
-                                                 mcq_prompt="plain"), out)
+                                                 mcq_prompt="plain", torch_dtype="fp32"), out)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     for question, row in zip(read_questions(str(FIXTURES / "mmlu")).questions, rows_of(out)):
         context = plain_context(question, [], scoring)
@@ -124,7 +124,7 @@ def test_generative_scoring_reads_the_letter_a_taught_model_states(learnable_mod
                                                     for q, r in zip(questions, replies)], tmp_path / "taught", 20)
     out = tmp_path / "eval"
     metrics = evaluate_model(str(taught), EvalSpec(mcq_file=str(file), mcq_scoring="generate",
-                                                   mcq_max_new_tokens=12), out)
+                                                   mcq_max_new_tokens=12, torch_dtype="fp32"), out)
     rows = rows_of(out)
     assert all(r["completion"].startswith(reply.content) for r, reply in zip(rows, replies)), rows  # never "I"
     assert metrics["mcq_accuracy"] == 1.0 and metrics["mcq_unanswered"] == 0

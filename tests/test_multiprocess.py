@@ -103,8 +103,10 @@ def test_torchrun_two_cpu_processes_train_one_model_and_rank_zero_writes_once(tm
 
 # ------------------------------------------------------------------------------------------------ FSDP, DeepSpeed
 
+# fp32: 2-process and 1-process runs must agree to float rounding (bf16 compute, the default on CPUs with bf16
+# matrix units, rounds differently in each; test_fsdp2_with_bf16_compute_saves_fp32_weights covers it)
 FULL = ["max_steps=4", "per_device_train_batch_size=2", "logging_steps=1", "save_steps=2", "max_length=64",
-        "report_to=none", "use_peft=false", "learning_rate=1e-3"]
+        "report_to=none", "use_peft=false", "learning_rate=1e-3", "bf16=false"]
 
 
 def sft_options(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -137,6 +139,7 @@ def test_fsdp2_two_processes_equal_one_process_with_the_same_global_batch(fsdp_r
     assert "engine: fsdp, 2 process(es)" in log
     sharded, single = load_file(root / "fsdp" / "model.safetensors"), load_file(root / "single" / "model.safetensors")
     start = load_file(tiny_model_dir / "model.safetensors")
+    assert sharded.keys() == single.keys()  # the tied lm_head is not written a second time
     for name, weight in single.items():
         assert sharded[name].shape == weight.shape, name  # full tensors, not shards
         moved = float((weight - start[name]).abs().max())
@@ -158,7 +161,7 @@ def test_fsdp2_final_model_loads_and_answers_as_the_sharded_model_did(fsdp_run):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
     # samples.jsonl was answered by the sharded model, with every process taking part; the loaded model agrees
     sample = json.loads((out / "samples.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    engine = GenerationEngine.load(str(out))
+    engine = GenerationEngine.load(str(out), torch_dtype="fp32")  # the dtype the run trained and answered in
     messages = read_sft_prompt(root / "sft.jsonl")
     again = engine.generate([messages], SamplingParams(max_new_tokens=128, temperature=0))[0]
     assert (again.text, again.finish_reason) == (sample["answer"], sample["finish_reason"])
@@ -185,6 +188,28 @@ def test_fsdp2_sharded_checkpoint_resumes_to_the_uninterrupted_weights(fsdp_run,
     final, uninterrupted = load_file(resumed / "model.safetensors"), load_file(root / "fsdp" / "model.safetensors")
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(final[name], weight, atol=1e-7, rtol=0, msg=name)
+
+
+def test_fsdp2_with_bf16_compute_saves_full_fp32_weights_that_load(tmp_path, tiny_model_dir):
+    """What GPU users run: FSDP2 with bf16 mixed precision (accelerate's policy: bf16 parameters for compute,
+    fp32 shards kept); the final weights are the gathered fp32 master weights."""
+    data = write_sft(tmp_path / "sft.jsonl")
+    out = tmp_path / "out"
+    options = [option for option in sft_options(tiny_model_dir, data, out, "max_steps=2", "save_steps=100")
+               if option != "bf16=false"] + ["bf16=true"]
+    log = run_ok(accelerate_launch("fsdp.yaml", options, clean_env(tmp_path, MEDGPT_CPU_FSDP="1")))
+    assert "precision: bf16 compute" in log, log[-4000:]
+    results = json.loads((out / "train_results.json").read_text())
+    assert (results["distributed_type"], results["world_size"], results["global_step"]) == ("fsdp", 2, 2)
+    saved, start = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert saved.keys() == start.keys()
+    for name, weight in start.items():
+        assert (saved[name].shape, saved[name].dtype) == (weight.shape, torch.float32), name
+    moved = [name for name in saved if float((saved[name] - start[name]).abs().max()) > 1e-4]
+    assert len(moved) == len(saved), sorted(set(saved) - set(moved))  # fp32 masters keep every small update
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 17, 300, 42]])).logits).all()
 
 
 def test_fsdp_config_on_cpu_runs_as_ddp_with_one_warning(tmp_path, tiny_model_dir):
@@ -219,7 +244,8 @@ def test_deepspeed_zero3_on_cpu_trains_and_saves_the_gathered_weights(tmp_path, 
                str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "2",
                "--main_process_port", str(free_port()), "-m", "medgpt.cli", "sft", "configs/sft.yaml",
                f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "max_steps=2", "eval_strategy=no",
-               "use_peft=false", "save_steps=100", "sample_prompts=1", "report_to=none"]
+               "use_peft=false", "save_steps=100", "sample_prompts=1", "report_to=none",
+               "bf16=false"]  # DeepSpeed's bf16 keeps bf16 weights: two warm-up steps vanish in their rounding
     log = run_ok(subprocess.run(command, cwd=ROOT, env=clean_env(tmp_path), capture_output=True, text=True,
                                 timeout=300))
     results = json.loads((out / "train_results.json").read_text())

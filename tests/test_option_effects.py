@@ -176,7 +176,8 @@ def bypassed_fields(trainer: type, fields: set[str]) -> tuple[set[str], set[str]
                     derived.setdefault(attribute, set()).update(sources & fields)
     def effective(reads: set[str]) -> set[str]:
         return (reads & fields) | {f for attribute in reads for f in derived.get(attribute, ())}
-    our_reads = set().union(*(_function_reads(fn)[0] for fn in replaced.values())) if replaced else set()
+    getters = [fn.fget for k in ours for fn in vars(k).values() if isinstance(fn, property) and fn.fget]
+    our_reads = set().union(*(_function_reads(fn)[0] for fn in [*replaced.values(), *getters]))
     return effective(lost) - effective(kept), our_reads
 
 

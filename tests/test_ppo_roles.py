@@ -140,7 +140,8 @@ def test_a_lora_reward_model_of_the_policy_base_is_mounted_on_it_and_scores_like
         ppo_options, reward_adapter_dir, tmp_path, tokenizer):
     from medgpt.models.reward import RewardModelScorer
 
-    trainer, job = make_trainer(rm_options(ppo_options, reward_adapter_dir, tmp_path))
+    # fp32 both ways: the mounted adapter must score as the reward model alone does, to rounding
+    trainer, job = make_trainer(rm_options(ppo_options, reward_adapter_dir, tmp_path, bf16=False))
     network = trainer.network
     assert job.stats["reward_model_shares_base"] and job.stats["roles_memory_over_base"] < 1.15
     assert network.reward_head is not None and not any(p.requires_grad for p in network.reward_head.parameters())
@@ -152,7 +153,7 @@ def test_a_lora_reward_model_of_the_policy_base_is_mounted_on_it_and_scores_like
     from medgpt.rl.scoring import Replies
 
     shared = model_reward(Replies(prompts, [trainer.prompt_ids[0], trainer.prompt_ids[1]], ids, replies))
-    alone = RewardModelScorer.load(str(reward_adapter_dir)).score(
+    alone = RewardModelScorer.load(str(reward_adapter_dir), torch_dtype="fp32").score(
         [[*p.messages, Message("assistant", r)] for p, r in zip(prompts, replies)])
     assert shared.tolist() == pytest.approx(alone, abs=1e-4)
     assert len(set(alone)) == 2  # a trained head: the two replies score differently
@@ -196,7 +197,8 @@ def test_a_reward_model_on_another_base_loads_on_its_own_as_before(ppo_options, 
     stage.run(build_config(stage, {"model_name_or_path": str(other), "output_dir": str(rm), "max_steps": 1,
                                    "train_file_dir": str(DEMO / "preference"), "max_length": 96,
                                    "per_device_train_batch_size": 2, "report_to": "none", "save_strategy": "no"}))
-    trainer, job = make_trainer(rm_options(ppo_options, rm, tmp_path))
+    # fp32 both: a second full model of the same size doubles the memory (a bf16 one would add half)
+    trainer, job = make_trainer(rm_options(ppo_options, rm, tmp_path, bf16=False, torch_dtype="fp32"))
     assert not job.stats["reward_model_shares_base"] and job.stats["roles_memory_over_base"] > 1.9
     assert trainer.network.reward_head is None and not trainer.network.critic_from_reward_model
     stats, _ = trainer.train_step()

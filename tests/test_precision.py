@@ -75,7 +75,7 @@ def test_full_training_keeps_fp32_master_weights_so_tiny_updates_survive(tmp_pat
                                                                          caplog):
     import medgpt.models.load as load
 
-    monkeypatch.setattr(load, "resolve_dtype", lambda name: torch.bfloat16 if name in (None, "auto") else
+    monkeypatch.setattr(load, "resolve_dtype", lambda name, purpose="train": torch.bfloat16 if name in (None, "auto") else
                         {"bf16": torch.bfloat16, "fp32": torch.float32}[name])  # `auto` giving bf16, as on GPUs
     weight = "model.layers.0.mlp.gate_proj.weight"
     start = load_file(tiny_model_dir / "model.safetensors")[weight].to(torch.bfloat16).float()  # as loaded

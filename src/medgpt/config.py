@@ -315,11 +315,14 @@ def _precision_defaults(training_class: type, values: dict[str, Any]) -> dict[st
     cuda = torch.cuda.is_available()
     if "fp16" in names and _truthy(values.get("fp16")) and not cuda:
         raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU train in fp32 (remove `fp16: true`)")
-    if "bf16" in names and "bf16" not in values and not _truthy(values.get("fp16")):
-        values["bf16"] = bf16_default()
     if "use_cpu" in names and "use_cpu" not in values and not cuda:
         # Without it, `accelerate launch --cpu` / `torchrun` on CPU do not form one data-parallel group.
         values["use_cpu"] = True
+    if "bf16" in names and "bf16" not in values and not _truthy(values.get("fp16")):
+        # transformers takes CPU bf16 only with use_cpu; `use_cpu: false` on a machine without a GPU gets fp32
+        # (and, under a multi-process launch, our refusal of independent single-process runs)
+        cpu_off = not cuda and "use_cpu" in names and not _truthy(values.get("use_cpu"))
+        values["bf16"] = False if cpu_off else bf16_default()
     return values
 
 

@@ -42,7 +42,7 @@ class EvalSpec:
     batch_size: int = 8
     template: str | None = None  # named chat template (default: the one saved with the model)
     text_separator: str = "line"  # perplexity .txt: a document per line, or per blank-line paragraph
-    torch_dtype: str = "auto"  # fp32 on CPU, bf16 (fp16 on old GPUs) on a GPU
+    torch_dtype: str = "auto"  # bf16 on GPUs (fp16 on old ones) and on CPUs with bf16 matrix units, else fp32
     trust_remote_code: bool = False
     seed: int = 0  # the bootstrap intervals' resampling
 

@@ -60,6 +60,7 @@ class PPOTrainer:
         self.rollouts, self.rewards, self.ppo, self.args = rollouts, rewards, ppo, args
         self.prompts = prompts
         self.accelerator = PartialState()  # wait_for_everyone() for the shared final save
+        self.engine: dict | None = None  # what ran (the recipe knows whether it sharded), for train_results.json
         self.model = network.policy  # what save_final saves and samples from
         self.output = Path(args.output_dir)
         self.stop_ids = set(chat_format.stop_token_ids())

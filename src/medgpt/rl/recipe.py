@@ -264,12 +264,12 @@ def setup(config: RunConfig):
     start_logs(config, resume, logs=(METRICS_FILE, ROLLOUTS_FILE))
     trainer = PPOTrainer(network, tokenizer, chat, rollout_backend(config, network, tokenizer, chat), reward_funcs,
                          ppo, args, train, evaluation)
+    trainer.engine = sharding.distributed_summary(shard is not None)  # train_results.json: what ran
     torch.manual_seed(args.seed + rank())  # processes sample different replies (a resume restores each RNG)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
                       stats={"prompts": len(train), "eval_prompts": len(evaluation), "reward_funcs": names,
                              "advantage_estimator": ppo.advantage_estimator,
-                             "reward_model_shares_base": shared is not None, **memory,
-                             **sharding.distributed_summary(shard is not None)},
+                             "reward_model_shares_base": shared is not None, **memory},
                       # rank 0 alone answers them at the end: sharded weights would wait for the other ranks
                       sample_prompts=[] if shard is not None else [p.messages for p in (evaluation or train)[:3]])
     return trainer, job, resume

@@ -121,11 +121,7 @@ def gathered(modules, reshard_after_forward: bool = True):
 
 
 def distributed_summary(sharded: bool) -> dict:
-    """What ran, in the keys the Trainer stages record in train_results.json."""
-    if sharded:
-        kind = "FSDP"
-    elif world_size() > 1:
-        kind = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
-    else:
-        kind = "NO"
-    return {"distributed_type": kind, "world_size": world_size(), "zero_stage": None}
+    """What ran, in the keys and words the Trainer stages record in train_results.json (`live_engine`): the RL
+    loop shards with `fully_shard` itself, which the accelerator's state does not know about."""
+    kind = "fsdp" if sharded else "ddp" if world_size() > 1 else "single"
+    return {"distributed_type": kind, "world_size": world_size()}

@@ -284,14 +284,17 @@ def start_batcher(model, tokenizer, stop_ids, stop_strings, max_rows: int = 8, k
     return SerialBatcher(model, tokenizer, stop_ids, stop_strings, max_rows)
 
 
-class _Waiter:
+class Waiter:
+    """A listener that keeps a row's Completion (or its error) for a caller waiting on `event`."""
+
     def __init__(self):
-        self.event, self.error = threading.Event(), None
+        self.event, self.error, self.completion = threading.Event(), None, None
 
     def piece(self, text: str) -> None:
         return None
 
     def done(self, completion: Completion) -> None:
+        self.completion = completion
         self.event.set()
 
     def failed(self, error: BaseException) -> None:
@@ -300,7 +303,7 @@ class _Waiter:
 
 
 def _probe(batcher: ContinuousBatcher, timeout: float = 300.0) -> None:
-    waiter = _Waiter()
+    waiter = Waiter()
     first = batcher.tokenizer.bos_token_id or batcher.tokenizer.eos_token_id or 0
     batcher.submit([first], SamplingParams(max_new_tokens=1, temperature=0), waiter)
     if not waiter.event.wait(timeout):

@@ -145,10 +145,27 @@ class GenerationEngine:
                      batch_size: int = 8) -> list[Completion]:
         """Continue each prompt of token ids (a rendered chat prompt or raw text)."""
         params = params or SamplingParams()
+        if self.batcher is not None:
+            return self._generate_in_batcher(all_prompts, params)
         _, answers = self._generate_batches(all_prompts, params, batch_size)
         for answer in answers:
             answer.end("length" if answer.tokens >= params.max_new_tokens else "stop")
         return [answer.completion(len(prompt)) for prompt, answer in zip(all_prompts, answers)]
+
+    def _generate_in_batcher(self, all_prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """While the batching loop runs, it owns the model: `model.generate` beside it computed other tokens than
+        the same request alone (measured: greedy answers changed while a stream was running). Requests join the
+        loop instead, so they also answer exactly as `stream` does."""
+        from medgpt.serve.batching import Waiter
+
+        waiters = [Waiter() for _ in all_prompts]
+        for prompt, waiter in zip(all_prompts, waiters):
+            self.submit(prompt, params, waiter)
+        for waiter in waiters:
+            waiter.event.wait()
+            if waiter.error is not None:
+                raise waiter.error
+        return [waiter.completion for waiter in waiters]
 
     def generate_rows(self, all_prompts: list[list[int]], params: SamplingParams, batch_size: int = 8) -> list[list[int]]:
         """The new token ids `generate` made for each prompt, as they come: a row that stopped early ends in

@@ -228,7 +228,8 @@ def save_final(trainer, job: TrainingJob, metrics: dict[str, Any], plots: tuple 
     samples = None
     if job.sample_prompts and job.chat_format is not None and (main or is_sharded(trainer)):
         samples = answer_samples(trainer.model, job)  # every process when each holds only part of the weights
-    metrics.update(live_engine(trainer.accelerator))
+    # what ran: the accelerator's engine, unless the trainer shards by itself (the RL loop) and says so
+    metrics.update(getattr(trainer, "engine", None) or live_engine(trainer.accelerator))
     if main:
         check_weights_saved(staging)  # before anything marks the run complete
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_config.yaml says it all

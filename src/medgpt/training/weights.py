@@ -34,9 +34,23 @@ def save_full_weights(trainer, directory: Path) -> None:
     if getattr(trainer, "is_fsdp_enabled", False):
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if trainer.is_world_process_zero():
-            trainer._save(str(directory), state_dict=state_dict)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            trainer._save(str(directory), state_dict=without_tied_copies(state_dict, model))
     else:
         trainer.save_model(str(directory))
+
+
+def without_tied_copies(state_dict: dict, model) -> dict:
+    """Drop the tied weights' second names (`lm_head.weight` of a model with tied embeddings): a gathered state
+    dict holds separate copies, which `save_pretrained` cannot recognise as one tensor (it compares storages), so
+    the file would carry the embedding twice. A copy that differs from its source is kept (it is not tied)."""
+    import torch
+
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    dropped = {target for target, source in tied.items()
+               if target in state_dict and source in state_dict
+               and torch.equal(state_dict[target], state_dict[source])}
+    return {name: tensor for name, tensor in state_dict.items() if name not in dropped}
 
 
 def check_weights_saved(directory: Path) -> list[str]:
