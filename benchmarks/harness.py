@@ -310,3 +310,17 @@ def make_tiny_model(directory: Path, initializer_range: float = 0.02, norm_scale
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def child_or_parent(args, child, parent, print_row=None) -> int:
+    """`--only SIDE`: run that side in this process, writing its result to `--json` (what `run_rounds` reads) or
+    printing its row; otherwise the parent's interleaved rounds."""
+    if not args.only:
+        return parent(args)
+    result = child(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+    else:
+        print(print_row(result) if print_row else table({args.only: result}, [args.only]))
+    return 0
+

@@ -47,8 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Recorder, child_result, combine, counting, machine, make_tiny_model, ratio, run_rounds, table, \
-    warn_if_loaded
+from harness import Recorder, child_or_parent, child_result, combine, counting, machine, make_tiny_model, ratio, \
+    run_rounds, table, warn_if_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT.parent / "shared" / "fixtures" / "medicalgpt" / "dpo_zh_500.jsonl"  # MedicalGPT's file, when present
@@ -306,14 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="preference-bench-model-") as tmp:
         if args.tiny and not args.only:
             args.model = str(make_tiny_model(Path(tmp)))
-        if args.only:
-            result = child(args)
-            if args.json:
-                Path(args.json).write_text(json.dumps(result))
-            else:
-                print(table({args.only: result}, [args.only]))
-            return 0
-        return parent(args)
+        return child_or_parent(args, child, parent)
 
 
 if __name__ == "__main__":

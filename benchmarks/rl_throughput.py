@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import QUIET_CORES, Recorder, machine_busy_seconds, make_tiny_model, versions, wait_until_quiet
+from harness import QUIET_CORES, Recorder, child_or_parent, machine_busy_seconds, make_tiny_model, versions, wait_until_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ppo", "grpo")
@@ -367,14 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model = str(make_tiny_model(Path(tmp) / "model"))
         if args.reward_model is None:
             args.reward_model = make_reward_adapter(args.model, Path(tmp) / "reward", args.seed)
-        if not args.only:
-            return parent(args)
-        result = child(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result))
-        else:
-            print(table({args.only: result}))
-        return 0
+        return child_or_parent(args, child, parent, lambda result: table({args.only: result}))
 
 
 if __name__ == "__main__":

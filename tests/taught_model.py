@@ -18,11 +18,17 @@ TAUGHT = {
     "What helps a burn?": "Cool running water for twenty minutes, then a clean dressing. See a doctor if it blisters.",
 }
 
+# each reply token must win by this many logits: bf16 inference (the default on CPUs with bf16 matrix units)
+# rounds the logits by ~0.4% and flipped a narrowly won token, so a burn got the anaemia answer
+MARGIN = 2.0
+
 _taught: dict[str, Path] = {}  # one training per test session, shared by the test modules that ask
 
 
-def teach_by_heart(model, tokenizer, pairs: list[tuple[list[int], list[int]]], steps: int = 400) -> None:
-    """Train `model` until greedy decoding of each prompt gives its reply (token ids), or fail.
+def teach_by_heart(model, tokenizer, pairs: list[tuple[list[int], list[int]]], steps: int = 400,
+                   margin: float = MARGIN) -> None:
+    """Train `model` until greedy decoding of each prompt gives its reply (token ids), each token winning
+    by `margin` logits, or fail.
 
     The embeddings (tied to the output head) stay random: the layers learn to point at the right ones, and no
     optimizer step or full-sequence logits over the 49k-token vocabulary are paid for. The pad row starts at
@@ -43,7 +49,8 @@ def teach_by_heart(model, tokenizer, pairs: list[tuple[list[int], list[int]]], s
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
         logits = model.lm_head(model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][taught])
-        if torch.equal(logits.argmax(-1), goal):  # greedy decoding now says them all
+        runner_up = logits.scatter(1, goal[:, None], float("-inf")).max(-1).values
+        if (logits.gather(1, goal[:, None])[:, 0] - runner_up).min() > margin:  # greedy says them all, robustly
             break
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(logits, goal).backward()
@@ -78,6 +85,9 @@ def taught(tmp_path_factory, tokenizer):
     """An engine on the taught model (import this fixture into a test module to use it)."""
     from medgpt.serve.engine import GenerationEngine
 
-    engine = GenerationEngine.load(str(taught_model_dir(tmp_path_factory, tokenizer)))
+    # fp32: the tests compare answers in a shared batch with the same requests alone, token for token; bf16
+    # (auto on CPUs with bf16 matrix units) rounds differently for each batch shape, so free-running greedy
+    # continuations of untaught prompts part (taught answers hold: MARGIN)
+    engine = GenerationEngine.load(str(taught_model_dir(tmp_path_factory, tokenizer)), torch_dtype="fp32")
     yield engine
     engine.close()

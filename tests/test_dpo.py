@@ -541,8 +541,10 @@ def test_two_processes_with_two_pairs_each_train_as_one_process_with_four(option
     a, b = load_file(str(tmp_path / "dp" / "adapter_model.safetensors")), load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     start = {k: v for k, v in a.items() if "lora_B" in k}
     assert any(v.abs().sum() > 0 for v in start.values())  # it trained
+    # to float rounding: 2- and 1-process reductions sum in another order, and Adam's first steps (~lr = 1e-2 each)
+    # scale a rounding difference in a near-zero gradient up (measured up to 1.2e-5 on an AVX512 CPU)
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5), key
+        assert torch.allclose(a[key], b[key], atol=1e-4), (key, float((a[key] - b[key]).abs().max()))
     two, one = logged(tmp_path / "dp", "rewards/margins"), logged(tmp_path / "one", "rewards/margins")
     assert two[2] == pytest.approx(one[2], abs=1e-5)  # metrics gathered over both ranks
 

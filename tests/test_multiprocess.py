@@ -2,7 +2,8 @@
 with the shipped FSDP config runs FSDP2 (`MEDGPT_CPU_FSDP=1`: the Trainer's accelerator, the code path of GPUs)
 and matches a one-process run with the same global batch, saves full loadable weights, resumes its sharded
 checkpoints, answers sample prompts with every process; without it runs as DDP with one warning; DeepSpeed ZeRO-3
-trains and gathers its partitioned weights; independent one-process runs under a 2-process launch are refused."""
+trains and gathers its partitioned weights; RM, DPO and KTO under FSDP2 save full weights and resume; independent
+one-process runs under a 2-process launch are refused."""
 
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ def clean_env(tmp_path: Path, **extra: str) -> dict:
     return env
 
 
-def accelerate_launch(config: str, options: list[str], env: dict) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/CONFIG --num_processes 2 -m medgpt.cli sft OPTIONS`, from
-    the repository root as the README says (the DeepSpeed configs name their JSON file relative to it)."""
+def accelerate_launch(config: str, options: list[str], env: dict, stage: str = "sft") -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/CONFIG --num_processes 2 -m medgpt.cli STAGE OPTIONS`,
+    from the repository root as the README says (the DeepSpeed configs name their JSON file relative to it)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "medgpt.cli", "sft", *options]
+               str(free_port()), "-m", "medgpt.cli", stage, *options]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -210,6 +211,57 @@ def test_fsdp2_with_bf16_compute_saves_full_fp32_weights_that_load(tmp_path, tin
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 17, 300, 42]])).logits).all()
+
+
+def write_kto(path: Path) -> Path:
+    rows = [{"prompt": "What is a fever?", "completion": "A body temperature above 38 degrees Celsius.", "label": True},
+            {"prompt": "What is a fever?", "completion": "A kind of bone.", "label": False},
+            {"prompt": "Name the largest bone.", "completion": "The femur, in the thigh.", "label": True},
+            {"prompt": "Name the largest bone.", "completion": "The heart.", "label": False}] * 2
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
+def test_fsdp2_preference_stages_save_full_weights_and_resume_their_sharded_checkpoints(stage, tmp_path, tiny_model_dir):
+    """The other stages the FSDP config serves: full training of a reward model (score head included), DPO and KTO
+    (the reference a frozen copy, prepared by the same accelerator) write gathered weights that load, and resume
+    from their sharded checkpoints to the uninterrupted weights."""
+    data = write_kto(tmp_path / "kto.jsonl") if stage == "kto" else ROOT / "data" / "demo" / "preference"
+    out = tmp_path / "out"
+    options = [f"model_name_or_path={tiny_model_dir}", f"train_file_dir={data}", f"output_dir={out}",
+               "max_steps=2", "per_device_train_batch_size=2", "save_steps=1", "logging_steps=1", "max_length=96",
+               "report_to=none", "use_peft=false", "learning_rate=1e-3", "bf16=false"]
+    run_ok(accelerate_launch("fsdp.yaml", options, clean_env(tmp_path, MEDGPT_CPU_FSDP="1"), stage=stage))
+    results = json.loads((out / "train_results.json").read_text())
+    assert (results["distributed_type"], results["world_size"], results["global_step"]) == ("fsdp", 2, 2)
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    saved, start = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    shared = [name for name in start if name in saved]
+    assert len(shared) == len(start)  # every base tensor, gathered (a reward model adds its score head)
+    assert all(saved[name].shape == start[name].shape for name in shared)
+    assert max(float((saved[name] - start[name]).abs().max()) for name in shared) > 1e-4
+    if stage == "rm":
+        from transformers import AutoModelForSequenceClassification
+
+        assert saved["score.weight"].shape[0] == 1
+        model = AutoModelForSequenceClassification.from_pretrained(out)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 17, 300, 42]])).logits).all()
+    # killed after step 1 and resumed from its sharded checkpoint: the uninterrupted run's weights
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    again = [o for o in options if not o.startswith("output_dir=")] + [f"output_dir={resumed}",
+                                                                         "resume_from_checkpoint=auto"]
+    run_ok(accelerate_launch("fsdp.yaml", again, clean_env(tmp_path, MEDGPT_CPU_FSDP="1"), stage=stage))
+    assert [row["step"] for row in read_metrics(resumed / "metrics.jsonl") if "loss" in row] == [2]  # not a restart
+    final = load_file(resumed / "model.safetensors")
+    assert final.keys() == saved.keys()
+    for name, weight in saved.items():
+        torch.testing.assert_close(final[name], weight, atol=1e-6, rtol=0, msg=name)
 
 
 def test_fsdp_config_on_cpu_runs_as_ddp_with_one_warning(tmp_path, tiny_model_dir):

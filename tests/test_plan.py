@@ -242,7 +242,9 @@ def test_stages_add_their_extra_models_and_rollout_cache(llama7b):
         return {line.label: line for line in estimate(llama7b, Setup(**fields), gpu).lines}
 
     assert "extra models" in lines(stage="dpo", method="full") and "extra models" not in lines(stage="dpo")
-    assert "reward model" in lines(stage="ppo")["extra models"].how
+    mounted, separate = lines(stage="ppo")["extra models"], lines(stage="ppo", method="full")["extra models"]
+    assert "reward model: a LoRA adapter of the same base" in mounted.how and "reward model" in separate.how
+    assert mounted.bytes < 0.01 * separate.bytes  # an adapter, not a second base
     grpo = lines(stage="grpo")
     assert "extra models" not in grpo and grpo["KV cache"].phase == "rollout"
     assert lines(stage="dpo")["activations"].bytes == pytest.approx(2 * lines(stage="sft")["activations"].bytes)

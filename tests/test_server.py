@@ -166,11 +166,12 @@ def tool_calling_engine(tmp_path_factory, tokenizer):
     """A tiny model taught (by heart) to answer one question with a get_weather call in the template's format."""
     from conftest import make_tiny_model
 
-    engine = GenerationEngine.load(str(make_tiny_model(tmp_path_factory.mktemp("tool-model"), tokenizer, hidden=64)))
+    engine = GenerationEngine.load(str(make_tiny_model(tmp_path_factory.mktemp("tool-model"), tokenizer, hidden=64)),
+                                   torch_dtype="fp32")  # taught in place: Adam's small steps need fp32 weights
     tools = [WEATHER_TOOL["function"]]
     prompt = engine.chat_format.prompt_ids([Message("user", "Weather in Paris?")], tools)
     answer = tokenizer.encode(WEATHER_CALL + "<|im_end|>", add_special_tokens=False)
-    teach_by_heart(engine.model, tokenizer, [(prompt, answer)])
+    teach_by_heart(engine.model, tokenizer, [(prompt, answer)], margin=0.0)  # served in fp32, as taught
     yield engine
     engine.close()
 

@@ -106,20 +106,6 @@ TRL_FIELDS = {
         "max_length": "Longest prompt + completion in tokens; longer ones are cut (counts logged).",
         "loss_type": "kto (the KTO paper's loss) or apo_zero_unpaired.",
     },
-    "GRPOConfig": {
-        "num_generations": "Completions sampled per prompt (the group). More gives better baselines, costs "
-                           "generation time.",
-        "max_completion_length": "Longest sampled completion in tokens; with the prompt it sets generation memory.",
-        "temperature": None,
-        "top_p": None,
-        "beta": "KL penalty to the reference model. 0 (TRL's default) loads no reference model at all.",
-        "epsilon": None,
-        "loss_type": None,
-        "scale_rewards": None,
-        "num_iterations": None,
-        "mask_truncated_completions": None,
-        "use_vllm": None,
-    },
     "DistillationConfig": {
         "teacher_model_name_or_path": "The teacher: a model directory or hub name (merge an adapter first); only read, "
                                       "never trained (its memory comes on top of the student's).",
@@ -128,15 +114,6 @@ TRL_FIELDS = {
         "beta": None,
         "top_p": None,
         "disable_dropout": None,
-    },
-    "RLOOConfig": {
-        "num_generations": "Completions sampled per prompt; each one's baseline is the mean reward of the others.",
-        "max_completion_length": "Longest sampled completion in tokens.",
-        "temperature": None,
-        "beta": "KL penalty to the reference model, folded into the reward (0.05 by default; 0 loads no reference).",
-        "epsilon": None,
-        "normalize_advantages": None,
-        "num_iterations": None,
     },
 }
 

@@ -43,7 +43,7 @@ class StageNeeds:
 
     sequences: int = 1  # sequences per sample through the trained model (chosen + rejected = 2)
     reference: bool = False  # frozen copy of the starting policy; free under LoRA (the base, adapters off)
-    reward_model: bool = False  # a separate frozen reward model, taken as the policy's size
+    reward_model: bool = False  # a frozen reward model: an adapter on the base under LoRA, else the policy's size
     critic: bool = False  # ours (rl/actor_critic.py): a second adapter + value head; full training adds a base
     generates: bool = False  # rollouts: a KV cache, alive before the update, not during it
     chunked_loss: bool = False  # our PT/SFT loss projects one chunk of positions at a time, not (tokens × V)
@@ -371,14 +371,21 @@ def model_lines(shape: ModelShape, setup: Setup, trainable: int) -> list[Line]:
         weights = shape.total * setup.bits / 8
         how = f"{_count(shape.total)} params at {_weight_label(setup)}"
     lines = [Line("weights", weights / split[3], how + over[3])]
+    # under LoRA the reward model is a LoRA adapter of the same base (what `medgpt rm` writes), mounted on the
+    # policy's base beside the actor and critic (rl/reward_adapter.py); under full training it is a model of its own
     copies = [name for name, wanted in (("reference + critic backbone" if needs.critic else "reference",
                                          needs.reference and not setup.adapter),
-                                        ("reward model", needs.reward_model)) if wanted]
+                                        ("reward model", needs.reward_model and not setup.adapter)) if wanted]
     if copies:  # loaded frozen in 16-bit (or the run's 4/8 bits)
         frozen = frozen_weight_bytes(shape, replace(setup, bits=min(setup.bits, 16)))
         lines.append(Line("extra models", len(copies) * frozen / split[3],
                           f"{' and '.join(copies)}: {_count(shape.total)} params{' each' if len(copies) > 1 else ''}, "
                           "frozen" + over[3]))
+    elif needs.reward_model:
+        mounted = lora_parameters(shape, setup.lora_rank, setup.lora_targets) + shape.hidden
+        lines.append(Line("extra models", mounted * 4,
+                          f"reward model: a LoRA adapter of the same base ({_count(mounted)} params at fp32) mounted "
+                          f"on it; one of another base adds {_count(shape.total)} params"))
     buckets = 2 if n > 1 and not setup.zero else 1  # DDP keeps a bucket copy of every gradient
     lines.append(Line("gradients", buckets * trainable * w_t / split[2],
                       f"{_count(trainable)} × {w_t} bytes" + (" × 2 (DDP buckets)" if buckets > 1 else "") + over[2],

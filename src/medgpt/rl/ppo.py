@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from medgpt.report import METRICS_FILE, MetricsWriter
+from medgpt.metrics_files import METRICS_FILE, MetricsWriter
 from medgpt.rl import advantages as estimators
 from medgpt.rl import ppo_core as core
 from medgpt.rl.actor_critic import ActorCritic

@@ -22,7 +22,7 @@ from medgpt.data.templates import ChatFormat
 from medgpt.models.adapters import attach_adapter, count_parameters, freeze_layers, start_from_adapter
 from medgpt.models.lean import use_lean_activations
 from medgpt.models.load import load_model, load_tokenizer
-from medgpt.report import METRICS_FILE
+from medgpt.metrics_files import METRICS_FILE
 from medgpt.rl import advantages, rewards, sharding
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.distributed import rank
