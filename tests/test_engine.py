@@ -254,7 +254,7 @@ def test_models_continuous_batching_cannot_run_are_served_one_row_at_a_time(taug
 # ------------------------------------------------------------------------------------------- loading
 
 
-def test_adapter_directory_loads_its_base_underneath(tiny_model_dir, tokenizer, tmp_path):
+def test_adapter_directory_loads_its_base_underneath_with_the_adapter_merged(tiny_model_dir, tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -267,7 +267,8 @@ def test_adapter_directory_loads_its_base_underneath(tiny_model_dir, tokenizer, 
     model.save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")
     loaded = GenerationEngine.load(str(tmp_path / "adapter"), torch_dtype="fp32")  # exact: auto is bf16 on bf16 CPUs
-    assert loaded.model.__class__.__name__ == "PeftModelForCausalLM"
+    assert loaded.model.__class__.__name__ == "LlamaForCausalLM"  # merged: no LoRA side path per token
+    assert not any("lora" in name for name, _ in loaded.model.named_parameters())
     ids = torch.tensor([loaded.chat_format.prompt_ids(QUESTIONS[0])])
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
