@@ -236,7 +236,10 @@ def test_demo_pipeline_is_valid(in_repo):
     pipeline = load_pipeline(ROOT / "configs" / "demo.yaml")
     check_data(pipeline)
     assert [s.stage.name for s in pipeline.stages] == ["pt", "sft", "rm", "ppo", "dpo"]
-    assert pipeline.stage("ppo").values["reward_model_name_or_path"] == str(Path("outputs/demo/rm-merged"))
+    # PPO mounts the LoRA reward model on its base (the adapter directory); the evaluation judges with the merged
+    # model, and still knows PPO trained against it (below)
+    assert pipeline.stage("ppo").values["reward_model_name_or_path"] == str(Path("outputs/demo/rm"))
+    assert pipeline.evaluation["reward_model"] == str(Path("outputs/demo/rm-merged"))
     from medgpt.pipeline_evaluation import judges_of, trained_against
 
     assert "limit" not in pipeline.evaluation and pipeline.evaluation["open_limit"] >= 24  # all 117 MCQs, 24 open
