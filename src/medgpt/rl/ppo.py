@@ -24,6 +24,7 @@ import torch
 from medgpt.metrics_files import METRICS_FILE, MetricsWriter
 from medgpt.rl import advantages as estimators
 from medgpt.rl import ppo_core as core
+from medgpt.rl import sharding
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.checkpoint import load_checkpoint, save_checkpoint
 from medgpt.rl.distributed import average_gradients, broadcast_parameters, check_in_sync, clip_grad_norm, \
@@ -60,7 +61,7 @@ class PPOTrainer:
         self.rollouts, self.rewards, self.ppo, self.args = rollouts, rewards, ppo, args
         self.prompts = prompts
         self.accelerator = PartialState()  # wait_for_everyone() for the shared final save
-        self.engine: dict | None = None  # what ran (the recipe knows whether it sharded), for train_results.json
+        self.engine = sharding.distributed_summary(sharding.requested(args) is not None)  # for train_results.json
         self.model = network.policy  # what save_final saves and samples from
         self.output = Path(args.output_dir)
         self.stop_ids = set(chat_format.stop_token_ids())

@@ -264,7 +264,6 @@ def setup(config: RunConfig):
     start_logs(config, resume, logs=(METRICS_FILE, ROLLOUTS_FILE))
     trainer = PPOTrainer(network, tokenizer, chat, rollout_backend(config, network, tokenizer, chat), reward_funcs,
                          ppo, args, train, evaluation)
-    trainer.engine = sharding.distributed_summary(shard is not None)  # train_results.json: what ran
     torch.manual_seed(args.seed + rank())  # processes sample different replies (a resume restores each RNG)
     job = TrainingJob(config, tokenizer, chat, train, evaluation, data_sources=datasets_sources(config),
                       stats={"prompts": len(train), "eval_prompts": len(evaluation), "reward_funcs": names,
