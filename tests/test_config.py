@@ -314,3 +314,10 @@ def test_trl_grpo_option_names_point_to_ours():
     message = str(err.value)
     assert "num_generations (grpo calls it num_samples_per_prompt)" in message
     assert "not grpo; grpo calls it kl_coef)" in message
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "half", "1/0"])
+def test_a_malformed_train_shard_is_refused(shard):
+    with pytest.raises(ConfigError, match="train_shard must be K/N"):
+        build_config(SFT, {**BASE, "train_shard": shard})
+    assert build_config(SFT, {**BASE, "train_shard": " 2 / 2"}).data.train_shard == "2/2"

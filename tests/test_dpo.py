@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,10 @@ from safetensors.torch import load_file
 
 import medgpt.stages.dpo as dpo
 from conftest import DEMO
+from resume_parity import assert_resume_parity
 from medgpt.config import ConfigError, bf16_default, build_config, training_kwargs
 from medgpt.report import read_metrics
 from medgpt.stages import get_stage
-from medgpt.training.checkpoints import COMPLETE
 
 QUESTIONS = ["What is a fever?", "Name the largest bone.", "What does insulin do?", "Is aspirin a painkiller?",
              "What is anaemia?", "Where is the liver?", "What is asthma?", "What do kidneys do?"]
@@ -486,28 +485,7 @@ def test_resume_from_checkpoint_reaches_the_train_call(options, tmp_path, monkey
 
 
 def test_resumed_dpo_run_equals_the_uninterrupted_run(options, tmp_path):
-    run = {**options, "max_steps": 4, "save_steps": 2, "seed": 7}
-    uninterrupted = tmp_path / "a"
-    run_stage("dpo", {**run, "output_dir": str(uninterrupted)})
-    resumed = tmp_path / "b"
-    shutil.copytree(uninterrupted, resumed)
-    for path in list(resumed.iterdir()):  # killed after checkpoint-2: the last checkpoint and final files gone
-        if path.name != "checkpoint-2" and path.name != "metrics.jsonl":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    assert (resumed / "checkpoint-2" / COMPLETE).is_file()
-    torch.manual_seed(123)
-    spec = get_stage("dpo")
-    metrics = spec.run(build_config(spec, {**run, "output_dir": str(resumed), "resume_from_checkpoint": "auto"}))
-    assert metrics["global_step"] == 4
-    a = load_file(str(uninterrupted / "adapter_model.safetensors"))
-    b = load_file(str(resumed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
-    la, lb = logged(uninterrupted, "loss"), logged(resumed, "loss")
-    assert sorted(lb) == [1, 2, 3, 4]
-    for step in (3, 4):
-        assert lb[step] == pytest.approx(la[step], abs=1e-6)
+    assert_resume_parity("dpo", {**options, "seed": 7}, tmp_path, steps=4, every=2)
 
 
 def test_dpo_adapter_merges_into_the_base_with_the_same_logits(options, tiny_model_dir, tmp_path):

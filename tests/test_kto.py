@@ -17,6 +17,7 @@ from medgpt.data.preference import pairs_to_kto
 from medgpt.data.readers import read_records
 from medgpt.report import read_metrics
 from medgpt.stages import get_stage
+from resume_parity import assert_resume_parity
 
 QUESTIONS = [
     "What is a fever?", "Name the largest bone.", "What does insulin do?", "Is aspirin a painkiller?",
@@ -275,6 +276,10 @@ def test_long_examples_are_truncated_and_counted_not_dropped(options, tmp_path):
     metrics = run_kto({**options, "train_file_dir": str(write_jsonl(tmp_path / "long.jsonl", rows)),
                        "max_length": 64})
     assert metrics["kto_prompt_truncated"] == 4 and metrics["kto_dropped"] == 0
+
+
+def test_resumed_kto_run_equals_the_uninterrupted_run(options, tmp_path):
+    assert_resume_parity("kto", {**options, "seed": 7}, tmp_path, steps=4, every=2)
 
 
 def test_merge_folds_the_kto_adapter_into_full_weights(options, tmp_path):

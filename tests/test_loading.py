@@ -77,3 +77,17 @@ def test_streaming_skips_invalid_records_when_asked_and_honours_the_cap(tmp_path
     data = write_sharegpt(tmp_path / "big.jsonl", 6, bad_lines=(2,))
     args = DataArguments(train_file_dir=str(data), streaming=True, skip_invalid_records=True, max_train_samples=4)
     assert [r.messages[0].content for r in stream_records(args, ("conversation",))] == ["q1", "q3", "q4", "q5"]
+
+
+def test_train_shards_split_the_training_records_into_disjoint_parts(tmp_path):
+    # Two reward models on 1/2 and 2/2 see disjoint halves; the validation records are held out of both.
+    data = write_sharegpt(tmp_path / "d.jsonl", 21)
+    shards = [load_stage_data(DataArguments(train_file_dir=str(data), validation_split_percentage=20,
+                                            train_shard=f"{k}/2"), ("conversation",)) for k in (1, 2)]
+    lines = [{r.source.line for r in shard.train} for shard in shards]
+    assert not lines[0] & lines[1] and len(lines[0]) == 9 and len(lines[1]) == 8
+    assert lines[0] | lines[1] == set(range(1, 22)) - {r.source.line for r in shards[0].eval}
+    assert [r.source.line for r in shards[0].eval] == [r.source.line for r in shards[1].eval]
+    streamed = stream_records(DataArguments(train_file_dir=str(data), streaming=True, train_shard="2/3"), ("conversation",))
+    assert [r.messages[0].content for r in streamed] == [f"q{i}" for i in range(2, 22, 3)]
+

@@ -224,8 +224,15 @@ def test_the_report_prints_intervals_and_calls_only_changes_outside_noise_real(t
                                                              "mcq_accuracy_ci": [0.1, 0.9], "mcq_n": 60}))
     (out / "win_rates.json").write_text(json.dumps({"dpo_vs_sft": {
         "win_rate": 0.6, "win_rate_ci": [0.45, 0.74], "win_n": 24, "wins": 12, "losses": 7, "ties": 5, "judge": "rm",
-        "a": "dpo", "b": "sft", "trained_against": ["dpo"]}}))
+        "a": "dpo", "b": "sft", "trained_against": ["dpo"]}, "dpo_vs_sft_by_rm_b": {
+        "win_rate": 0.75, "win_rate_ci": [0.6, 0.9], "win_n": 24, "wins": 17, "losses": 5, "ties": 2, "judge": "rm_b",
+        "a": "dpo", "b": "sft", "trained_against": []}, "sft_vs_base": {
+        "win_rate": 0.8, "win_rate_ci": [0.65, 0.92], "win_n": 24, "wins": 19, "losses": 4, "ties": 1, "judge": "rm",
+        "a": "sft", "b": "base", "trained_against": []}}))
     text = write_pipeline_report(pipeline).read_text()
+    # the judge dpo trained against sees no real change, the independent one a real gain: the report says so
+    assert "**Judges disagree** on dpo vs sft (`rm` (trained against): no real change; `rm_b` (independent): better)" in text
+    assert "Judges agree" not in text and "on sft vs base" not in text  # one judge alone has nothing to agree with
     assert "| sft | 0.833 [0.100, 0.900] |" in text
     assert "MCQ accuracy base → pt: 0.333 → 0.367 (+0.033" in text and "within noise" in text.split("base → pt")[1]
     assert "a real change" in text.split("pt → sft")[1].split("\n")[0]
@@ -235,7 +242,9 @@ def test_the_report_prints_intervals_and_calls_only_changes_outside_noise_real(t
 def test_demo_pipeline_is_valid(in_repo):
     pipeline = load_pipeline(ROOT / "configs" / "demo.yaml")
     check_data(pipeline)
-    assert [s.stage.name for s in pipeline.stages] == ["pt", "sft", "rm", "ppo", "dpo"]
+    assert [s.name for s in pipeline.stages] == ["pt", "sft", "rm", "rm_b", "ppo", "dpo"]
+    # the two reward models train on disjoint halves of the same pairs: rm_b judges PPO independently
+    assert {pipeline.stage(n).values["train_shard"] for n in ("rm", "rm_b")} == {"1/2", "2/2"}
     # PPO mounts the LoRA reward model on its base (the adapter directory); the evaluation judges with the merged
     # model, and still knows PPO trained against it (below)
     assert pipeline.stage("ppo").values["reward_model_name_or_path"] == str(Path("outputs/demo/rm"))
@@ -243,4 +252,7 @@ def test_demo_pipeline_is_valid(in_repo):
     from medgpt.pipeline_evaluation import judges_of, trained_against
 
     assert "limit" not in pipeline.evaluation and pipeline.evaluation["open_limit"] >= 24  # all 117 MCQs, 24 open
-    assert trained_against(pipeline, ("ppo", "sft"), judges_of(pipeline)["rm"]["model"]) == ["ppo"]
+    judges = judges_of(pipeline)
+    assert list(judges) == ["rm", "rm_b"] and judges["rm_b"]["model"] == str(Path("outputs/demo/rm_b-merged"))
+    assert trained_against(pipeline, ("ppo", "sft"), judges["rm"]["model"]) == ["ppo"]
+    assert trained_against(pipeline, ("ppo", "sft"), judges["rm_b"]["model"]) == []

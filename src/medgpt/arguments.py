@@ -170,6 +170,12 @@ class DataArguments:
         "Use at most this many training records (after validation), for quick runs and debugging.", default=None
     )
     max_eval_samples: int | None = documented("Use at most this many evaluation records.", default=None)
+    train_shard: str | None = documented(
+        """Train on one of N interleaved shards of the training records, after the validation split and before
+        max_train_samples: `K/N` keeps records K, K+N, K+2N, … (1-based). `1/2` and `2/2` give two runs
+        disjoint halves of the same data, e.g. a second reward model that judges PPO independently.""",
+        default=None,
+    )
     streaming: bool = documented(
         """Read the training data lazily instead of loading it all (for corpora larger than memory). Needs
         max_steps, since the number of records is unknown in advance. A validation_file_dir is still read in

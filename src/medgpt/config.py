@@ -452,6 +452,11 @@ def validate(config: RunConfig) -> None:
                           "or set validation_split_percentage: 0")
     if not 0 <= d.validation_split_percentage < 100:
         raise ConfigError("validation_split_percentage must be in [0, 100)")
+    if d.train_shard is not None:
+        shard = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(d.train_shard))
+        if not shard or not 1 <= int(shard[1]) <= int(shard[2]):
+            raise ConfigError(f"train_shard must be K/N with 1 <= K <= N (e.g. 1/2), got {d.train_shard!r}")
+        d.train_shard = f"{int(shard[1])}/{int(shard[2])}"
     from medgpt.data.readers import FORMATS
 
     if d.data_format not in FORMATS:

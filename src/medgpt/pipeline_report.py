@@ -195,4 +195,33 @@ def _win_rate_lines(wins: dict) -> list[str]:
                      f"{_interval(w['win_rate'], w.get('win_rate_ci'))} over {w.get('win_n')} open questions "
                      f"(0.5 = no change; wins {w.get('wins')}, losses {w.get('losses')}, ties {w.get('ties')}): "
                      f"{verdict}{mark}.")
+    return lines + _judge_agreement_lines(wins)
+
+
+def _direction(w: dict) -> str:
+    low, high = w.get("win_rate_ci", [0, 1])
+    return "better" if low > 0.5 else "worse" if high < 0.5 else "no real change"
+
+
+def _judge_agreement_lines(wins: dict) -> list[str]:
+    """Where a pair was judged both by a judge it trained against and by an independent one: do they agree?
+    A stage that pleases its own reward model but not an independent one may have learnt that model's quirks
+    (reward hacking): a finding the report states, not hides."""
+    pairs: dict[tuple, list[dict]] = {}
+    for w in wins.values():
+        if isinstance(w, dict) and "win_rate" in w:
+            pairs.setdefault((w.get("a"), w.get("b")), []).append(w)
+    lines = []
+    for (a, b), judged in pairs.items():
+        own = [w for w in judged if w.get("trained_against")]
+        independent = [w for w in judged if not w.get("trained_against")]
+        if not own or not independent:
+            continue
+        said = "; ".join(f"`{w.get('judge')}`{' (trained against)' if w in own else ' (independent)'}: "
+                         f"{_direction(w)}" for w in own + independent)
+        if len({_direction(w) for w in judged}) == 1:
+            lines.append(f"Judges agree on {a} vs {b} ({said}).")
+        else:
+            lines.append(f"**Judges disagree** on {a} vs {b} ({said}): what pleases the reward model {a} trained "
+                         "against does not carry over to an independent one, a sign of reward hacking or of noise.")
     return lines

@@ -60,6 +60,9 @@ def load_stage_data(args: DataArguments, kinds: tuple[str, ...], seed: int = 42)
         records = [r for i, r in enumerate(records) if i not in held]
     else:
         eval_records = []
+    if args.train_shard:
+        index, count = shard_of(args.train_shard)
+        records = records[index::count]
     if args.max_train_samples is not None:
         records = records[: args.max_train_samples]
     if args.max_eval_samples is not None:
@@ -69,6 +72,12 @@ def load_stage_data(args: DataArguments, kinds: tuple[str, ...], seed: int = 42)
         raise InvalidDataError([DataError(where, "records", "no training records left after the validation split")])
     logger.info("data: %d training and %d validation records (%d invalid skipped)", len(records), len(eval_records), skipped)
     return StageData(records, eval_records, skipped)
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    """`K/N` (train_shard) as (K - 1, N); config validation refuses anything else."""
+    index, count = (int(part) for part in spec.split("/"))
+    return index - 1, count
 
 
 def load_validation_data(args: DataArguments, kinds: tuple[str, ...]) -> list[Record]:
@@ -92,6 +101,8 @@ def stream_records(args: DataArguments, kinds: tuple[str, ...]) -> Iterator[Reco
                                                       options, streaming=True, cache_dir=args.cache_dir)))
     skipped = 0
     produced = 0
+    shard, shards = shard_of(args.train_shard) if args.train_shard else (0, 1)
+    seen = 0
     for name, reader in readers:
         good = invalid = 0
         for item in reader:
@@ -105,8 +116,11 @@ def stream_records(args: DataArguments, kinds: tuple[str, ...]) -> Iterator[Reco
             wrong = check_kind(item, item.source, name, reader, kinds)
             if wrong:
                 raise InvalidDataError([wrong])
-            yield item
             good += 1
+            seen += 1
+            if (seen - 1) % shards != shard:
+                continue
+            yield item
             produced += 1
             if args.max_train_samples is not None and produced >= args.max_train_samples:
                 return
