@@ -88,6 +88,6 @@ def test_train_shards_split_the_training_records_into_disjoint_parts(tmp_path):
     assert not lines[0] & lines[1] and len(lines[0]) == 9 and len(lines[1]) == 8
     assert lines[0] | lines[1] == set(range(1, 22)) - {r.source.line for r in shards[0].eval}
     assert [r.source.line for r in shards[0].eval] == [r.source.line for r in shards[1].eval]
-    streamed = stream_records(DataArguments(train_file_dir=str(data), streaming=True, train_shard="2/3"), ("conversation",))
+    args = DataArguments(train_file_dir=str(data), streaming=True, train_shard="2/3")
+    streamed = stream_records(args, ("conversation",))
     assert [r.messages[0].content for r in streamed] == [f"q{i}" for i in range(2, 22, 3)]
-

@@ -231,7 +231,8 @@ def test_the_report_prints_intervals_and_calls_only_changes_outside_noise_real(t
         "a": "sft", "b": "base", "trained_against": []}}))
     text = write_pipeline_report(pipeline).read_text()
     # the judge dpo trained against sees no real change, the independent one a real gain: the report says so
-    assert "**Judges disagree** on dpo vs sft (`rm` (trained against): no real change; `rm_b` (independent): better)" in text
+    assert ("**Judges disagree** on dpo vs sft (`rm` (trained against): no real change; `rm_b` (independent): "
+            "better)") in text
     assert "Judges agree" not in text and "on sft vs base" not in text  # one judge alone has nothing to agree with
     assert "| sft | 0.833 [0.100, 0.900] |" in text
     assert "MCQ accuracy base → pt: 0.333 → 0.367 (+0.033" in text and "within noise" in text.split("base → pt")[1]

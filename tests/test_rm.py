@@ -340,6 +340,16 @@ def test_resumed_rm_run_equals_the_uninterrupted_run(rm_options, tmp_path):
     assert "base_model.model.score.weight" in adapter  # the score head is saved and resumed with the adapter
 
 
+def test_reward_models_on_two_train_shards_tokenise_and_train_on_disjoint_halves(rm_options, tmp_path):
+    # The shard is part of the tokenised-feature cache key: the second half must not reuse the first's features.
+    runs = {shard: run_rm({**rm_options, "train_shard": shard, "output_dir": str(tmp_path / str(shard).replace("/", "of"))})
+            for shard in ("1/2", "2/2", None)}
+    halves = [runs[s]["rm_kept"] for s in ("1/2", "2/2")]
+    assert all(halves) and sum(halves) == runs[None]["rm_kept"]
+    assert runs["1/2"]["rm_tokens"] + runs["2/2"]["rm_tokens"] == runs[None]["rm_tokens"]
+    assert runs["1/2"]["rm_tokens"] != runs["2/2"]["rm_tokens"]
+
+
 def test_rm_resumed_from_its_last_checkpoint_trains_nothing_and_saves_that_checkpoint(rm_options, tmp_path):
     out, options = tmp_path / "out", {**rm_options, "max_steps": 2, "save_steps": 2}  # checkpoint-2 is mid-epoch
     run_rm(options)

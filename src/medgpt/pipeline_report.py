@@ -217,7 +217,7 @@ def _judge_agreement_lines(wins: dict) -> list[str]:
         independent = [w for w in judged if not w.get("trained_against")]
         if not own or not independent:
             continue
-        said = "; ".join(f"`{w.get('judge')}`{' (trained against)' if w in own else ' (independent)'}: "
+        said = "; ".join(f"`{w.get('judge')}` ({'trained against' if w.get('trained_against') else 'independent'}): "
                          f"{_direction(w)}" for w in own + independent)
         if len({_direction(w) for w in judged}) == 1:
             lines.append(f"Judges agree on {a} vs {b} ({said}).")

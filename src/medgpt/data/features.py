@@ -128,8 +128,8 @@ def stage_features(config, data, tokenizer, template: str, settings: dict[str, A
            "files": source_fingerprint(resolve_many(d.train_file_dir)) if d.train_file_dir else [],
            "validation": source_fingerprint(resolve_many(d.validation_file_dir)) if d.validation_file_dir else [],
            "hub": [d.dataset_name, d.dataset_config_name],
-           "options": [d.validation_split_percentage, d.max_train_samples, d.train_shard, d.max_eval_samples, d.skip_invalid_records,
-                       d.data_format, d.text_separator, d.keep_linebreaks, config.training.seed],
+           "options": [d.validation_split_percentage, d.max_train_samples, d.train_shard, d.max_eval_samples,
+                       d.skip_invalid_records, d.data_format, d.text_separator, d.keep_linebreaks, config.training.seed],
            **tokenizer_fingerprint(tokenizer, template)}
     train, info = cached_features({**key, "split": "train"}, lambda: build(data.train), d.overwrite_cache)
     evaluation = None
