@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -190,6 +191,7 @@ def test_ppo_learns_a_rule_reward_while_kl_stays_bounded(sharp_model_dir, tokeni
     target = first.topk(2).indices[1].item()  # the runner-up first token: sampled now and then (p ~ 0.1)
     assert 0.02 < first[target] < 0.3
     out = tmp_path / "out"
+    started = time.perf_counter()
     metrics = run_ppo({
         "model_name_or_path": str(sharp_model_dir), "output_dir": str(out),
         "train_file_dir": str(write_questions(tmp_path / "qa.jsonl", [QUESTION] * 16)),
@@ -197,6 +199,7 @@ def test_ppo_learns_a_rule_reward_while_kl_stays_bounded(sharp_model_dir, tokeni
         "max_steps": 16, "rollout_batch_size": 16, "per_device_train_batch_size": 8, "ppo_epochs": 2,
         "max_new_tokens": 6, "learning_rate": 5e-4, "kl_coef": 0.02, "lora_dropout": 0.0, "save_strategy": "no",
     })
+    elapsed = time.perf_counter() - started
     rows = read_metrics(out / "metrics.jsonl")
     rewards, kls = [r["reward"] for r in rows], [r["kl"] for r in rows]
     assert len(rows) == 16 and metrics["global_step"] == 16
@@ -206,6 +209,9 @@ def test_ppo_learns_a_rule_reward_while_kl_stays_bounded(sharp_model_dir, tokeni
     assert max(kls) < 8, kls  # nats per 6-token reply: the leash holds
     for key in ("entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss", "response_length", "kl_coef"):
         assert all(math.isfinite(r[key]) for r in rows), key
+    phases = [[row[f"time_{phase}"] for phase in ("generate", "score", "forward", "update")] for row in rows]
+    assert all(t > 0 for step in phases for t in step)  # where each step's time went: every phase ran ...
+    assert sum(map(sum, phases)) < elapsed  # ... and the phases fit inside the run
     for name in ("adapter_model.safetensors", "ppo.png", "ppo_losses.png", "rollouts.jsonl", "samples.jsonl",
                  "run_config.yaml", "train_results.json", "README.md"):
         assert (out / name).is_file(), name

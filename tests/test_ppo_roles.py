@@ -8,6 +8,7 @@ import copy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,15 +180,39 @@ def test_the_critic_starts_from_the_reward_model_by_default_and_from_policy_or_z
     assert all(torch.equal(actor[k], critic[k]) for k in critic)
 
 
-def test_the_first_step_rescales_a_reward_model_value_head_to_the_shaped_score(ppo_options, reward_adapter_dir,
-                                                                               tmp_path):
+def test_the_first_step_fits_a_reward_model_value_head_to_the_returns_by_least_squares(ppo_options,
+                                                                                     reward_adapter_dir, tmp_path):
+    from medgpt.rl.advantages import explained_variance, returns_to_go
+    from medgpt.rl.ppo_core import token_rewards
+
     trainer, _ = make_trainer(rm_options(ppo_options, reward_adapter_dir, tmp_path, reward_normalization="batch",
-                                         reward_weights=[2.0]))
-    head = trainer.network.value_head.weight.detach().clone()
-    stats, _ = trainer.train_step()
-    scale = trainer.network.value_head.weight.detach().norm() / head.norm()
-    assert scale.item() == pytest.approx(2.0 / stats["reward_std"], rel=1e-3)  # weight / spread of the raw scores
-    assert "explained_variance" in stats and "value_loss" in stats
+                                         reward_weights=[2.0], gamma=1.0, lam=1.0))
+    head = trainer.network.value_head
+    weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    raw = torch.tensor([[0.5, 1.0, 2.0, 0], [-1.0, 0.0, 0.5, 1.5], [3.0, 2.5, 0, 0]])
+    scores, kl = torch.tensor([1.0, -0.5, 2.0]), torch.full((3, 4), 0.1) * mask
+    values = raw.clone()
+    trainer.calibrate_value_head(values, scores, kl, mask)
+
+    returns = returns_to_go(token_rewards(scores, kl, trainer.kl.value, mask), mask, 1.0)
+    kept = mask.bool()
+    slope, intercept = np.polyfit(raw[kept].numpy(), returns[kept].numpy(), 1)  # the least-squares line
+    assert slope > 0
+    assert values[kept].tolist() == pytest.approx((slope * raw[kept] + intercept).tolist(), abs=1e-5)
+    assert values[~kept].abs().sum() == 0  # padding stays 0
+    assert head.weight.detach() == pytest.approx(weight * slope, rel=1e-5)
+    assert head.bias.detach().item() == pytest.approx(bias.item() * slope + intercept, rel=1e-5)
+    assert explained_variance(values, returns, mask) > 0.5  # these prefix values foresee the returns
+
+    values = -raw.clone()  # a head whose ordering is backwards keeps none of it: a constant at the mean return
+    trainer.calibrate_value_head(values, scores, kl, mask)
+    assert values[kept].tolist() == pytest.approx([returns[kept].mean().item()] * int(mask.sum()), abs=1e-6)
+    assert head.weight.detach().abs().sum() == 0
+
+    trainer, _ = make_trainer(rm_options(ppo_options, reward_adapter_dir, tmp_path / "run", gamma=1.0, lam=1.0))
+    stats, _ = trainer.train_step()  # in the loop: the first step's critic explains its returns at least as a mean
+    assert stats["explained_variance"] >= -1e-6 and "value_loss" in stats
 
 
 def test_a_reward_model_on_another_base_loads_on_its_own_as_before(ppo_options, tmp_path, tokenizer):

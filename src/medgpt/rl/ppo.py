@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from medgpt.rl import sharding
 from medgpt.rl.actor_critic import ActorCritic
 from medgpt.rl.checkpoint import load_checkpoint, save_checkpoint
 from medgpt.rl.distributed import average_gradients, broadcast_parameters, check_in_sync, clip_grad_norm, \
-    global_mean, rank, world_size
+    global_mean, global_sum, rank, world_size
 from medgpt.rl.experience import Experience, rollout_batch, select, trimmed
 from medgpt.rl.heldout import HeldOutEvaluation
 from medgpt.rl.ppo_config import PPOArguments
@@ -159,16 +160,21 @@ class PPOTrainer:
         n = self.group_size
         prompts = [self.prompts[i] for i in indices for _ in range(n)]  # a prompt's replies are consecutive rows
         prompt_ids = [self.prompt_ids[i] for i in indices for _ in range(n)]
+        started = time.perf_counter()
         replies = self.sample(prompts, prompt_ids, self.sampling)
+        generated = time.perf_counter()
         scores, valid, stats = self.score(replies)
+        scored = time.perf_counter()
         batch, tokens, mask = rollout_batch(prompt_ids, replies.ids, self.tokenizer.pad_token_id, self.args.device)
         mask = mask * valid.to(mask.device, mask.dtype)[:, None]  # replies no reward applies to do not train
         scores = scores.to(mask.device)
         logprobs, entropy, ref_logprobs, values = self.forward_rollouts(batch, tokens, mask, self.use_reference)
+        stats.update(time_generate=generated - started, time_score=scored - generated,
+                     time_forward=time.perf_counter() - scored)  # seconds: where a step's time goes
         kl = core.kl_penalty(logprobs, ref_logprobs, self.ppo.kl_estimator) * mask if ref_logprobs is not None \
             else torch.zeros_like(mask)
         if self.step == 0 and self.network.critic_from_reward_model:
-            self.calibrate_value_head(values, scores, mask, valid.to(mask.device), stats["reward_std"])
+            self.calibrate_value_head(values, scores, kl, mask)
         estimator = self.ppo.advantage_estimator
         advantages, returns = estimators.estimate(estimator, scores, kl, self.kl.value, mask, valid.to(mask.device),
                                                   values, self.ppo.gamma, self.ppo.lam, n)
@@ -191,23 +197,28 @@ class PPOTrainer:
         return Experience(batch, tokens, mask, logprobs, kept_ref, values, advantages, returns), stats, samples
 
     @torch.no_grad()
-    def calibrate_value_head(self, values, scores, mask, valid, raw_std: float) -> None:
-        """Rescale a value head copied from the reward model to the shaped score's scale, once: it outputs raw
-        reward-model scores, the returns are weighted, normalised (and clipped, penalised) scores. Scale: the
-        reward model's weight over the normalisation's spread; shift: what makes the mean final value the mean
-        score of this first batch."""
-        weight = next(r.weight for r in self.rewards if r.name == "reward_model")
-        spread = {"none": 1.0, "batch": raw_std, "running": self.score_moments.std}[self.ppo.reward_normalization]
-        scale = weight / max(spread, 1e-6)
-        last = (mask.sum(-1).long() - 1).clamp(min=0)
-        final = values[torch.arange(len(values), device=values.device), last][valid]
-        shift = (scores[valid].mean() - scale * final.mean()).item() if valid.any() else 0.0
-        scale, shift = global_mean(torch.tensor([scale, shift])).tolist()  # every process's head stays the same
+    def calibrate_value_head(self, values, scores, kl, mask) -> None:
+        """Fit a value head copied from the reward model to this first batch's returns, once: it outputs raw
+        reward-model scores of each prefix, the returns are shaped (weighted, normalised, clipped, penalised)
+        scores. The affine map `scale * value + shift` with the least squared error over every trained token of
+        every process (scale kept >= 0: the reward model's ordering is the prior worth keeping); so the critic
+        starts no worse than a constant at the returns' mean, and better where the reward model's prefix scores
+        already foresee the final one."""
+        returns = estimators.returns_to_go(core.token_rewards(scores, kl, self.kl.value, mask), mask, self.ppo.gamma)
+        v, g = values.double() * mask, returns.double()
+        count, sv, sg, svv, svg = global_sum(torch.stack(
+            [mask.sum(), v.sum(), g.sum(), (v * v).sum(), (v * g).sum()]).double()).tolist()
+        count = max(count, 1.0)
+        mean_v, mean_g = sv / count, sg / count
+        variance = svv / count - mean_v ** 2
+        scale = max((svg / count - mean_v * mean_g) / variance, 0.0) if variance > 1e-12 else 0.0
+        shift = mean_g - scale * mean_v
         head = self.network.value_head
         head.weight.mul_(scale)
         head.bias.mul_(scale).add_(shift)
         values.mul_(scale).add_(shift * mask)
-        logger.info("value head from the reward model rescaled to the score: x %.4f %+.4f", scale, shift)
+        logger.info("value head from the reward model fitted to the first returns: x %.4f %+.4f (explained "
+                    "variance %.3f)", scale, shift, estimators.explained_variance(values, returns, mask))
 
     # ---------------------------------------------------------------------------------------- updates
 
@@ -272,7 +283,9 @@ class PPOTrainer:
         self.network.train()
         exp, stats, samples = self.make_experience(self.batch_indices(self.step + 1))
         train_actor = self.step >= self.ppo.critic_warmup_steps
+        started = time.perf_counter()
         stats.update(self.update(exp, train_actor))
+        stats["time_update"] = time.perf_counter() - started
         self.step += 1
         names = sorted(stats)
         means = global_mean(torch.tensor([stats[n] for n in names], dtype=torch.float64)).tolist()

@@ -150,8 +150,8 @@ class PPOArguments:
     )
     critic_init: Literal["reward_model", "policy", "zero"] | None = documented(
         """Where the critic starts. reward_model: the reward model's adapter and score head (values start as the
-        reward model's score of each prefix, rescaled on the first step to the score's normalisation; needs a
-        reward model that is a LoRA adapter of the policy's base). policy: the start policy's features (a copy of
+        reward model's score of each prefix, mapped on the first step by the least-squares line, slope >= 0, onto
+        that batch's returns; needs a reward model that is a LoRA adapter of the policy's base). policy: the start policy's features (a copy of
         the SFT adapter it continues) and a zero head. zero: the bare base and a zero head. policy and zero are
         the same when there is no adapter to copy (a new adapter, or full training). Default: reward_model when
         possible, else policy.""",
