@@ -149,6 +149,14 @@ def test_the_stages_are_presets_of_the_rl_loop_and_trls_option_names_are_refused
             setup_stage("grpo", {**options, **bad})
 
 
+def test_sample_prompts_sets_how_many_prompts_the_final_policy_answers(options):
+    counts = [len(setup_stage("grpo", {**options, "overwrite_output_dir": True, **extra})[1].sample_prompts)
+              for extra in ({}, {"sample_prompts": 1}, {"sample_prompts": 0})]
+    assert counts == [3, 1, 0]
+    with pytest.raises(ConfigError, match="sample_prompts -1"):
+        setup_stage("grpo", {**options, "sample_prompts": -1})
+
+
 def test_prompts_are_rendered_by_our_template_with_tools_and_stop_at_end_of_turn(options, tmp_path):
     tools = [{"name": "calculate_bmi", "description": "BMI from weight and height", "parameters": {}}]
     rows = [{"conversations": [{"from": "system", "value": "You are a nurse."},

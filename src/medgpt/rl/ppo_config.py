@@ -203,6 +203,13 @@ class PPOArguments:
         "Rollouts per step written to rollouts.jsonl (prompt, reply, score) for a look at what is learnt.",
         default=2,
     )
+    sample_prompts: int = documented(
+        """After training, answer this many held-out prompts (validation split, else training prompts) greedily
+        with the final policy and write them to samples.jsonl; 128 new tokens each, ~8 s per prompt on a 2-core
+        CPU. 0 = off, e.g. when an evaluation answers held-out questions anyway. Sharded runs skip the default
+        and refuse a value set (rank 0 alone would generate).""",
+        default=3,
+    )
 
 
 @dataclass

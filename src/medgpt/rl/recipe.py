@@ -74,6 +74,12 @@ def check_options(config: RunConfig) -> list[str]:
                           f"per_device_train_batch_size {args.per_device_train_batch_size} (the minibatch)")
     if ppo.temperature <= 0:
         raise ConfigError("temperature must be > 0: RL learns from the policy's own samples, greedy replies are not")
+    if ppo.sample_prompts < 0:
+        raise ConfigError(f"sample_prompts {ppo.sample_prompts}: the number of held-out prompts answered at the end "
+                          "(0 = none)")
+    if "sample_prompts" in given and ppo.sample_prompts and sharding.requested(args) is not None:
+        raise ConfigError("sample_prompts under sharding: rank 0 alone would generate while the others hold its "
+                          "weights' shards; set sample_prompts: 0 (the default skips them)")
     estimator = ppo.advantage_estimator
     if estimator in advantages.GROUP_ESTIMATORS and ppo.num_samples_per_prompt < 2:
         raise ConfigError(f"advantage_estimator {estimator} compares a prompt's replies: set num_samples_per_prompt "
@@ -270,7 +276,8 @@ def setup(config: RunConfig):
                              "advantage_estimator": ppo.advantage_estimator,
                              "reward_model_shares_base": shared is not None, **memory},
                       # rank 0 alone answers them at the end: sharded weights would wait for the other ranks
-                      sample_prompts=[] if shard is not None else [p.messages for p in (evaluation or train)[:3]])
+                      sample_prompts=[] if shard is not None else
+                      [p.messages for p in (evaluation or train)[:ppo.sample_prompts]])
     return trainer, job, resume
 
 
