@@ -53,6 +53,17 @@ def test_lm_eval_parity_holds_in_tiny_mode(tmp_path):
     assert all(r["medgpt_accuracy"] == r["lm_eval_accuracy"] and r["max_abs_score_difference"] < 1e-3 for r in rules)
 
 
+def test_head_input_benchmark_runs_in_tiny_mode_and_ends_with_the_summary_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "head_input.py"), "--tiny",
+                          "--output", str(tmp_path / "head.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fields = dict(pair.split("=") for pair in out.stdout.strip().splitlines()[-1].split())
+    assert list(fields)[:3] == ["speedup_rows_1", "speedup_rows_4", "speedup_rows_8"] and "cpu_bf16" in fields
+    result = json.loads((tmp_path / "head.json").read_text())
+    assert set(result["seconds_per_forward"]) == {"with", "without"}
+    assert all(t > 0 for side in result["seconds_per_forward"].values() for t in side.values())
+
+
 def test_mcq_scoring_measurement_runs_in_tiny_mode(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mcq_scoring.py"), "--tiny",
                           "--output", str(tmp_path / "scoring.json")], capture_output=True, text=True, timeout=600)

@@ -155,6 +155,8 @@ def test_sample_prompts_sets_how_many_prompts_the_final_policy_answers(options):
     assert counts == [3, 1, 0]
     with pytest.raises(ConfigError, match="sample_prompts -1"):
         setup_stage("grpo", {**options, "sample_prompts": -1})
+    with pytest.raises(ConfigError, match="sample_prompts under sharding"):  # only rank 0 would generate
+        setup_stage("grpo", {**options, "sample_prompts": 2, "fsdp": "full_shard", "fsdp_config": {"version": 2}})
 
 
 def test_prompts_are_rendered_by_our_template_with_tools_and_stop_at_end_of_turn(options, tmp_path):

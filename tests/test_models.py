@@ -360,7 +360,7 @@ def _head_batched_products(model, **inputs) -> list:
 
 def test_a_frozen_head_scores_a_kept_slice_in_one_product_not_one_copy_per_row(tiny_model_dir, tokenizer):
     # logits_to_keep=1 slices hidden[:, -1:, :]; torch broadcasts a frozen head over that view's rows (a copy
-    # of the whole head per row: 490 ms for 8 rows of SmolLM2 in bf16) unless the head's input is contiguous
+    # of the whole head per row; benchmarks/head_input.py measures the cost) unless the head's input is contiguous
     model = load_model(_args(tiny_model_dir), tokenizer).eval().requires_grad_(False)
     ids = torch.randint(3, len(tokenizer), (4, 9), generator=torch.Generator().manual_seed(0))
     assert _head_batched_products(model, input_ids=ids, logits_to_keep=1) == []

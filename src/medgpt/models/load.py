@@ -205,9 +205,9 @@ def contiguous_head_input(model) -> None:
     (generation's prefill and our MCQ prompts keep one position: `hidden[:, -1:, :]`, a view whose batch stride
     spans the whole sequence). torch's matmul folds a 3-D input into one matrix product only when the view
     flattens without a copy or the weight requires grad; a frozen head (inference, a LoRA base) instead gets
-    broadcast to a batched product, one copy of the whole head per row. Measured on a 2-core CPU, a (8, 1, 576)
-    slice through SmolLM2's 49k-token head in bf16: 490 ms, against 10 ms contiguous; it made the demo's
-    MCQ scoring of an adapter 30% slower than of the same weights merged (which load with requires_grad)."""
+    broadcast to a batched product, one copy of the whole head per row. Measured by benchmarks/head_input.py on
+    a 2-core CPU: a frozen SmolLM2-135M forward of 8 rows x 128 tokens keeping the last logits, in bf16, 1.64 s
+    without this and 1.03 s with it (1.59x; 4 rows 1.41x; 1 row, already contiguous, the same)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear):
         head.register_forward_pre_hook(_contiguous_input)

@@ -151,8 +151,8 @@ class PPOArguments:
     critic_init: Literal["reward_model", "policy", "zero"] | None = documented(
         """Where the critic starts. reward_model: the reward model's adapter and score head (values start as the
         reward model's score of each prefix, mapped on the first step by the least-squares line, slope >= 0, onto
-        that batch's returns; needs a reward model that is a LoRA adapter of the policy's base). policy: the start policy's features (a copy of
-        the SFT adapter it continues) and a zero head. zero: the bare base and a zero head. policy and zero are
+        that batch's returns; needs a reward model that is a LoRA adapter of the policy's base). policy: the
+        start policy's features (a copy of the SFT adapter it continues) and a zero head. zero: the bare base and a zero head. policy and zero are
         the same when there is no adapter to copy (a new adapter, or full training). Default: reward_model when
         possible, else policy.""",
         default=None,
@@ -205,8 +205,8 @@ class PPOArguments:
     )
     sample_prompts: int = documented(
         """After training, answer this many held-out prompts (validation split, else training prompts) greedily
-        with the final policy and write them to samples.jsonl; 128 new tokens each, ~8 s per prompt on a 2-core
-        CPU. 0 = off, e.g. when an evaluation answers held-out questions anyway. Sharded runs skip the default
+        with the final policy (up to 128 new tokens each) and write them to samples.jsonl. 0 = off, e.g. when an
+        evaluation answers held-out questions anyway; generation is slow on CPU. Sharded runs skip the default
         and refuse a value set (rank 0 alone would generate).""",
         default=3,
     )
