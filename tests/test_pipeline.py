@@ -229,7 +229,10 @@ def test_the_report_prints_intervals_and_calls_only_changes_outside_noise_real(t
         "a": "dpo", "b": "sft", "trained_against": []}, "sft_vs_base": {
         "win_rate": 0.8, "win_rate_ci": [0.65, 0.92], "win_n": 24, "wins": 19, "losses": 4, "ties": 1, "judge": "rm",
         "a": "sft", "b": "base", "trained_against": []}}))
+    (tmp_path / "out" / "dpo").mkdir(parents=True)  # an RL stage's last KL against its target (shape of ppo's)
+    (tmp_path / "out" / "dpo" / "train_results.json").write_text(json.dumps({"final_kl": 7.25, "target_kl": 6.0}))
     text = write_pipeline_report(pipeline).read_text()
+    assert "KL of dpo to its reference policy on its last rollouts: 7.25 nats per reply (target_kl 6): **above" in text
     # the judge dpo trained against sees no real change, the independent one a real gain: the report says so
     assert ("**Judges disagree** on dpo vs sft (`rm` (trained against): no real change; `rm_b` (independent): "
             "better)") in text

@@ -471,3 +471,5 @@ def test_ppo_runs_on_the_embedded_model_against_a_reward_model_trained_here(tmp_
     rows = read_metrics(out / "metrics.jsonl")
     assert all(math.isfinite(r["reward_reward_model"]) and r["response_length"] > 0 for r in rows)
     assert (out / "adapter_model.safetensors").is_file() and (out / "ppo.png").is_file()
+    # the report reads the last rollouts' KL against the target from the results (None: fixed kl_coef)
+    assert results["final_kl"] == pytest.approx(rows[-1]["kl"]) and results["target_kl"] is None

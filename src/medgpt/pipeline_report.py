@@ -162,6 +162,7 @@ def _what_moved(pipeline, evals: dict[str, dict], results: dict[str, dict]) -> l
         if planned.is_reward_model:
             lines += _reward_model_lines(planned.name, results.get(planned.name, {}),
                                          read_json(directory / planned.name / "metrics.json"))
+        lines += _kl_lines(planned.name, results.get(planned.name, {}))
     lines += _win_rate_lines(read_json(directory / "win_rates.json"))
     return lines or ["Nothing measured yet."]
 
@@ -179,6 +180,18 @@ def _reward_model_lines(name: str, result: dict, held_out: dict) -> list[str]:
             verdict = "above chance 0.5" if low is not None and low > 0.5 else "not shown above chance 0.5"
             parts.append(f"{_interval(accuracy, interval)} on {f'{n} ' if n else ''}{where} ({verdict})")
     return [f"Reward model `{name}`: accuracy " + "; ".join(parts) + "."] if parts else []
+
+
+def _kl_lines(name: str, result: dict) -> list[str]:
+    """An RL stage's KL to its reference policy on its last rollouts (nats summed over a reply), against target_kl."""
+    kl, target = result.get("final_kl"), result.get("target_kl")
+    if not isinstance(kl, (int, float)):
+        return []
+    if not isinstance(target, (int, float)):
+        return [f"KL of {name} to its reference policy on its last rollouts: {kl:.2f} nats per reply (no target_kl set)."]
+    verdict = "below the target" if kl < target else "**above the target**: the policy moved further than asked"
+    return [f"KL of {name} to its reference policy on its last rollouts: {kl:.2f} nats per reply "
+            f"(target_kl {target:g}): {verdict}."]
 
 
 def _win_rate_lines(wins: dict) -> list[str]:

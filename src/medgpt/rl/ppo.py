@@ -309,9 +309,10 @@ class PPOTrainer:
         if self.heldout is not None:
             self.heldout.begin(writer, state)
         totals: dict[str, float] = {}
-        steps_run = 0
+        steps_run, last_kl = 0, None
         while self.step < self.max_steps:
             stats, samples = self.train_step()
+            last_kl = stats.get("kl", last_kl)
             steps_run += 1
             state.global_step, state.epoch = self.step, self.step / max(self.batches_per_pass, 1)
             if self.heldout is not None and (self.step % self.args.eval_steps == 0 or self.step == self.max_steps):
@@ -330,6 +331,8 @@ class PPOTrainer:
         check_in_sync(self.network.trainable)
         results = {"global_step": self.step, "world_size": world_size(),
                    **{f"train_{key}": value / max(steps_run, 1) for key, value in totals.items()}}
+        if last_kl is not None:  # the report holds the policy's final KL to its reference against the target
+            results.update(final_kl=last_kl, target_kl=self.ppo.target_kl)
         if self.heldout is not None:
             results.update(self.heldout.final())
         return results
