@@ -188,10 +188,11 @@ def _kl_lines(name: str, result: dict) -> list[str]:
     if not isinstance(kl, (int, float)):
         return []
     if not isinstance(target, (int, float)):
-        return [f"KL of {name} to its reference policy on its last rollouts: {kl:.2f} nats per reply (no target_kl set)."]
-    verdict = "below the target" if kl < target else "**above the target**: the policy moved further than asked"
-    return [f"KL of {name} to its reference policy on its last rollouts: {kl:.2f} nats per reply "
-            f"(target_kl {target:g}): {verdict}."]
+        judged = " (no target_kl set)"
+    else:
+        judged = f" (target_kl {target:g}): " + ("below the target" if kl < target
+                                                else "**above the target**: the policy moved further than asked")
+    return [f"KL of {name} to its reference policy on its last rollouts: {kl:.2f} nats per reply{judged}."]
 
 
 def _win_rate_lines(wins: dict) -> list[str]:
